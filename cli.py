@@ -1,0 +1,181 @@
+"""explicam's command line: one verb per job.
+
+    python cli.py dataset synth --out data/synth     the built-in dataset, with object masks
+    python cli.py train --data data/synth --kernel 4 the seed network, into runs/k4/
+    python cli.py export --kernel 4                  runs/k4/model.onnx (+ --int8)
+    python cli.py explain photo.jpg --method gradcam heatmap overlays (also --webcam, --video)
+    python cli.py bench                              speed of every method vs the forward pass
+    python cli.py evaluate / sweep                   explanation metrics, the kernel-size report
+    python cli.py demo                               all of the above on the built-in dataset
+
+Each command parses its options, calls one function and prints; the work lives in the
+packages. TensorFlow is imported only by `train`, `export` and what calls them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
+
+# Errors a user can cause (bad paths, bad data, bad options): one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError)
+
+
+def friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            if os.environ.get("EXPLICAM_DEBUG"):
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(msg) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+class Progress:
+    """A click progress bar usable as a callback(n) or callback(done, total)."""
+
+    def __init__(self, total: int, label: str):
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+        self.done = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, n: int = 1, total: int | None = None):
+        if total is not None:  # (done, total) form
+            n, self.done = n - self.done, n
+        self.bar.update(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="explicam", message="explicam %(version)s")
+def main():
+    """explicam: train CNNs, export them to ONNX, and explain every prediction with CAMs on CPU."""
+
+
+# ---------------------------------------------------------------------------- dataset
+@main.group()
+def dataset():
+    """Make or inspect datasets."""
+
+
+@dataset.command("synth")
+@click.option("--out", default="data/synth", show_default=True, help="Folder to create.")
+@click.option("--train", "n_train", default=1096, show_default=True, help="Training images (the seed's count).")
+@click.option("--val", "n_val", default=272, show_default=True, help="Validation images (the seed's count).")
+@click.option("--size", default=224, show_default=True, help="Image side in pixels.")
+@click.option("--classes", "num_classes", default=10, show_default=True, help="Number of classes (2..10).")
+@click.option("--habitat-bias", default=0.0, show_default=True,
+              help="Probability that the background style follows the class (a spurious cue).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the folder if it exists.")
+@friendly
+def dataset_synth(out, n_train, n_val, size, num_classes, habitat_bias, seed, force):
+    """Generate the built-in dataset: 10 shape classes on varied backgrounds, with object masks."""
+    from train import synth
+
+    with Progress(n_train + n_val, "generating") as bar:
+        info = synth.generate(out, n_train=n_train, n_val=n_val, size=size, num_classes=num_classes,
+                              habitat_bias=habitat_bias, seed=seed, force=force, progress=bar)
+    click.echo(f"wrote {info['n_train']} training and {info['n_val']} validation images of "
+               f"{len(info['classes'])} classes, with masks, to {out} in {info['seconds']:.1f}s")
+
+
+# ---------------------------------------------------------------------------- train
+def train_options(fn):
+    """The seed's training settings as options (shared by train and sweep)."""
+    opts = [
+        click.option("--data", required=True, type=click.Path(), help="Dataset folder (training/ and validation/ "
+                     "class subfolders, or Kaggle's 10 Monkey Species layout)."),
+        click.option("--image-size", default=224, show_default=True, help="Input side (multiple of 32)."),
+        click.option("--head", type=click.Choice(["flatten", "gap"]), default="flatten", show_default=True,
+                     help="flatten: the seed's head; gap: global average pooling (needed by classic CAM)."),
+        click.option("--batch-size", default=128, show_default=True),
+        click.option("--max-epochs", default=100, show_default=True),
+        click.option("--patience", default=20, show_default=True, help="EarlyStopping patience."),
+        click.option("--lr", "learning_rate", default=1e-3, show_default=True, help="RMSprop learning rate."),
+        click.option("--monitor", default="val_loss", show_default=True, help="Metric for best model / stopping."),
+        click.option("--dropout", default=0.2, show_default=True),
+        click.option("--val-split", default=0.2, show_default=True,
+                     help="Validation fraction when the data has no validation folder."),
+        click.option("--seed", type=int, default=None, help="Make the run repeatable."),
+        click.option("--flip/--no-flip", default=True, show_default=True, help="Augment: horizontal flips."),
+        click.option("--rotation", default=0.05, show_default=True, help="Augment: rotation, fraction of 2*pi."),
+        click.option("--zoom", default=0.1, show_default=True, help="Augment: zoom range."),
+        click.option("--translation", default=0.1, show_default=True, help="Augment: shift, fraction of the side."),
+        click.option("--contrast", default=0.1, show_default=True, help="Augment: contrast factor."),
+        click.option("--no-augment", is_flag=True, help="Turn all augmentation off."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def make_train_config(kernel, no_augment=False, **kw):
+    from train.fit import TrainConfig
+
+    if no_augment:
+        kw.update(flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
+    return TrainConfig(kernel=kernel, **kw)
+
+
+@main.command()
+@click.option("--kernel", default=4, show_default=True, help="Square kernel size of every convolution.")
+@train_options
+@click.option("--run-dir", default=None, help="Run folder [default: runs/k{KERNEL}].")
+@click.option("--fresh", is_flag=True, help="Delete the run folder's previous state and start over.")
+@friendly
+def train(kernel, run_dir, fresh, **kw):
+    """Train the seed CNN; killed and restarted with the same command, it resumes."""
+    from train.fit import result_line, train as run_training
+
+    summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh)
+    click.echo(result_line(summary))
+
+
+# ---------------------------------------------------------------------------- export
+@main.command()
+@click.option("--kernel", default=4, show_default=True, help="Export runs/k{KERNEL}/model.keras.")
+@click.option("--run-dir", default=None, help="Run folder holding model.keras.")
+@click.option("--model", "model_path", default=None, help="A .keras file anywhere.")
+@click.option("--layer", default="conv4", show_default=True, help="Feature layer the explanations use.")
+@click.option("--out", default=None, help="Output .onnx [default: model.onnx beside the Keras model].")
+@click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ quantization) and compare.")
+@click.option("--samples", default=8, show_default=True, help="Validation images for the parity check.")
+@friendly
+def export(kernel, run_dir, model_path, layer, out, int8, samples):
+    """Export a trained model to ONNX (features + exact gradients + head), checked against Keras."""
+    from export.run import export_model
+
+    export_model(kernel, run_dir, model_path, layer, out, int8, samples, log=click.echo)
+
+
+# ---------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--data", default="data/synth", show_default=True, help="Where the built-in dataset goes.")
+@click.option("--image-size", default=128, show_default=True)
+@click.option("--max-epochs", default=30, show_default=True)
+@friendly
+def demo(data, image_size, max_epochs):
+    """Generate the built-in dataset, train kernel 4 and print the seed-style result line."""
+    from train import demo as demo_mod
+
+    demo_mod.run_demo(data, image_size=image_size, max_epochs=max_epochs, log=click.echo)
+
+
+if __name__ == "__main__":
+    main()

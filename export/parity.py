@@ -1,0 +1,82 @@
+"""Keras vs ONNX, figure by figure. Used by the export itself (it refuses to write a
+model that disagrees) and by the tests.
+
+The references are computed the independent way: TensorFlow's own autodiff
+(tf.GradientTape) for the gradients, and the keras.io Grad-CAM tutorial's recipe
+(GradientTape, channel means of the gradient, weighted sum, ReLU) for the heatmap.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TOLERANCE = 1e-4
+
+
+def keras_features_logits_grads(model, layer_name, images, target: int):
+    """(features, logits, d logits[:, target] / d features) from Keras with tf.GradientTape."""
+    import keras
+    import tensorflow as tf
+
+    grad_model = keras.Model(model.input, [model.get_layer(layer_name).output, model.output])
+    with tf.GradientTape() as tape:
+        features, logits = grad_model(tf.constant(images), training=False)
+        score = tf.reduce_sum(logits[:, target])  # images are independent: the sum's gradient is per image
+    grads = tape.gradient(score, features)
+    return features.numpy(), logits.numpy(), grads.numpy()
+
+
+def keras_tutorial_gradcam(model, layer_name, image, pred_index=None):
+    """Grad-CAM exactly as the keras.io tutorial computes it (one image, (h, w) map)."""
+    import keras
+    import tensorflow as tf
+
+    grad_model = keras.Model(model.input, [model.get_layer(layer_name).output, model.output])
+    with tf.GradientTape() as tape:
+        last_conv_layer_output, preds = grad_model(image[None], training=False)
+        if pred_index is None:
+            pred_index = tf.argmax(preds[0])
+        class_channel = preds[:, pred_index]
+    grads = tape.gradient(class_channel, last_conv_layer_output)
+    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
+    heatmap = last_conv_layer_output[0] @ pooled_grads[..., tf.newaxis]
+    return tf.maximum(tf.squeeze(heatmap), 0).numpy()
+
+
+def minmax(x):
+    x = np.asarray(x, np.float64)
+    span = x.max() - x.min()
+    return np.zeros_like(x) if span <= 1e-12 * max(1.0, abs(x.max())) else (x - x.min()) / span
+
+
+def gradcam_from_onnx_outputs(features, grads):
+    """Grad-CAM from the exported outputs alone (N, h, w): ReLU(sum_k mean_ij(g_k) A_k)."""
+    weights = grads.mean(axis=(1, 2))
+    return np.maximum(np.einsum("nhwc,nc->nhw", features, weights), 0)
+
+
+def compare(model, session, images, layer_name: str = "conv4", classes=None) -> dict:
+    """Largest Keras-vs-ONNX differences over the images and every class (or `classes`)."""
+    images = np.ascontiguousarray(images, np.float32)
+    n_classes = int(model.output_shape[-1])
+    classes = range(n_classes) if classes is None else classes
+    report = {"logits": 0.0, "probabilities": 0.0, "features": 0.0, "grads_rel": 0.0, "gradcam": 0.0}
+    for c in classes:
+        out = session.run(None, {"image": images, "target": np.full(len(images), c, np.int64)})
+        out = dict(zip([o.name for o in session.get_outputs()], out))
+        feats, logits, grads = keras_features_logits_grads(model, layer_name, images, c)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        report["logits"] = max(report["logits"], float(np.abs(out["logits"] - logits).max()))
+        report["probabilities"] = max(report["probabilities"], float(np.abs(out["probabilities"] - probs).max()))
+        report["features"] = max(report["features"], float(np.abs(out["features"] - feats).max()))
+        scale = max(float(np.abs(grads).max()), 1e-12)
+        report["grads_rel"] = max(report["grads_rel"], float(np.abs(out["grads"] - grads).max()) / scale)
+        onnx_cams = gradcam_from_onnx_outputs(out["features"], out["grads"])
+        for i, image in enumerate(images):
+            ref = keras_tutorial_gradcam(model, layer_name, image, c)
+            report["gradcam"] = max(report["gradcam"], float(np.abs(minmax(onnx_cams[i]) - minmax(ref)).max()))
+    return report
+
+
+def failures(report: dict, tol: float = TOLERANCE) -> list[str]:
+    return [f"{k} differs by {v:.2e} (tolerance {tol:.0e})" for k, v in report.items() if not v <= tol]

@@ -1,0 +1,106 @@
+"""`python cli.py export`: find the trained model, convert, prove parity, write atomically."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from export.onnx import (ExportError, build_onnx, head_path_for, load_keras_model, make_metadata, set_metadata,
+                         write_atomic)
+
+
+def resolve_model_path(kernel: int = 4, run_dir: str | None = None, model: str | None = None) -> str:
+    if model:
+        if not os.path.isfile(model):
+            raise ExportError(f"no model file at {model}")
+        return model
+    run_dir = run_dir or os.path.join("runs", f"k{kernel}")
+    if not os.path.isdir(run_dir):
+        raise ExportError(f"run folder {run_dir} not found; train first: python cli.py train --data DIR "
+                          f"--kernel {kernel}")
+    path = os.path.join(run_dir, "model.keras")
+    if not os.path.isfile(path):
+        raise ExportError(f"{run_dir} has no model.keras (training not started or not finished an epoch yet)")
+    return path
+
+
+def sample_images(summary: dict, size: int, count: int = 8, split: str = "val"):
+    """A few real images of the run's own dataset (one per class in turn), or None."""
+    from train.data import DataError, Split, find_dataset, load_images
+
+    data = summary.get("data")
+    if not data or not os.path.isdir(data):
+        return None
+    try:
+        ds = find_dataset(data)
+    except DataError:
+        return None
+    part = ds.val if split == "val" else ds.train
+    # round-robin over classes: the i-th image of each class before the (i+1)-th of any
+    ranks, picks = {}, []
+    for idx, label in enumerate(part.labels.tolist()):
+        ranks[label] = ranks.get(label, -1) + 1
+        picks.append((ranks[label], idx))
+    chosen = [i for _, i in sorted(picks)][:count]
+    x, _, _ = load_images(Split([part.paths[i] for i in chosen], part.labels[chosen]), size)
+    return x.astype(np.float32) / 255.0 if len(x) else None
+
+
+def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str) -> dict:
+    import onnxruntime as ort
+
+    from export.parity import compare, keras_features_logits_grads
+
+    opts = ort.SessionOptions()
+    session = ort.InferenceSession(main_bytes, opts, providers=["CPUExecutionProvider"])
+    report = compare(model, session, images, layer)
+    head = ort.InferenceSession(head_bytes, opts, providers=["CPUExecutionProvider"])
+    feats, logits, _ = keras_features_logits_grads(model, layer, images, 0)
+    head_logits = head.run(["logits"], {"features": feats})[0]
+    report["head_logits"] = float(np.abs(head_logits - logits).max())
+    return report
+
+
+def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | None = None,
+                 layer: str = "conv4", out: str | None = None, int8: bool = False, samples: int = 8,
+                 log=print) -> dict:
+    from export.parity import failures
+
+    model_path = resolve_model_path(kernel, run_dir, model_path)
+    out = out or os.path.join(os.path.dirname(model_path) or ".", "model.onnx")
+    summary_path = os.path.join(os.path.dirname(model_path) or ".", "summary.json")
+    summary = {}
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+    model = load_keras_model(model_path)
+    log(f"converting {model_path} (feature layer {layer}) ...")
+    main, head = build_onnx(model, layer)
+    meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)))
+    set_metadata(main, meta)
+    set_metadata(head, {**meta, "role": "head"})
+    main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()
+
+    size = int(model.input_shape[1])
+    images = sample_images(summary, size, samples)
+    source = "validation images"
+    if images is None:
+        images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
+        source = "random images (the run's dataset was not found)"
+    report = check_parity(model, main_bytes, head_bytes, images, layer)
+    log(f"parity on {len(images)} {source}, every class: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
+    bad = failures(report)
+    if bad:
+        raise ExportError("ONNX disagrees with Keras, nothing written: " + "; ".join(bad))
+
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    write_atomic(head_bytes, head_path_for(out))
+    write_atomic(main_bytes, out)
+    result = {"onnx": out, "head": head_path_for(out), "parity": report, "metadata": meta}
+    log(f"wrote {out} and {head_path_for(out)}")
+    if int8:
+        from export.quantize import quantize_model
+
+        result["int8"] = quantize_model(out, summary, log=log)
+    return result

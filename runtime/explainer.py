@@ -1,0 +1,122 @@
+"""Explainer: image(s) in, class activation maps out, from the ONNX file alone.
+
+The walk: preprocess (as the metadata says) -> one onnxruntime call (logits,
+probabilities, features, exact gradients for the target) -> the method's weights or map
+(runtime/methods.py) -> ReLU -> bilinear upsampling to the input size -> min-max
+normalisation (camkernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import camkernels
+from runtime.methods import METHODS, CamInputs, MethodError
+from runtime.model import OnnxModel
+
+
+@dataclass
+class Explanation:
+    method: str
+    cams: np.ndarray           # (N, h, w) float32, after ReLU, not normalised
+    heatmaps: np.ndarray       # (N, S, S) float32 in [0, 1], bilinear to the input size
+    logits: np.ndarray         # (N, classes)
+    probabilities: np.ndarray  # (N, classes)
+    targets: np.ndarray        # (N,) class index explained for each image
+    class_names: list
+
+    def top_k(self, k: int = 3) -> list:
+        """[(class name, probability), ...] per image, most probable first."""
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(self.probabilities, order)]
+
+    @property
+    def target_names(self) -> list:
+        return [self.class_names[t] for t in self.targets]
+
+
+class Explainer:
+    """Explanations from an explicam ONNX export, on CPU, without TensorFlow.
+
+    kernels: "auto" (numba when importable), "numba" or "numpy".
+    batch_size: images per onnxruntime call (and masked inputs per call for Score-CAM).
+    scorecam_topk: None = every channel; k = the k channels of largest variance.
+    """
+
+    def __init__(self, model_path, kernels: str = "auto", threads: int | None = None, batch_size: int = 16,
+                 scorecam_topk: int | None = None, warmup: bool = True):
+        self.model = OnnxModel(model_path, threads)
+        self.k = camkernels.get(kernels)
+        self.kernels = kernels if kernels != "auto" else camkernels.BACKEND
+        self.batch_size = int(batch_size)
+        self.scorecam_topk = scorecam_topk
+        if warmup:  # compile the kernels and let onnxruntime allocate now, not on the first frame
+            camkernels.warmup(self.k)
+            self.explain(np.zeros((1, self.input_size, self.input_size, 3), np.uint8), "gradcam")
+
+    @property
+    def class_names(self) -> list:
+        return self.model.class_names
+
+    @property
+    def input_size(self) -> int:
+        return self.model.input_size
+
+    @property
+    def methods(self) -> list:
+        return list(METHODS)
+
+    def resolve_targets(self, target, n: int) -> np.ndarray:
+        """None -> top-1 (-1); an index or a class name; or one of those per image."""
+        items = list(target) if isinstance(target, (list, tuple, np.ndarray)) else [target] * n
+        if len(items) != n:
+            raise ValueError(f"got {len(items)} targets for {n} images")
+        out = np.empty(n, np.int64)
+        for i, t in enumerate(items):
+            if t is None:
+                out[i] = -1
+            elif isinstance(t, str) and not t.lstrip("-").isdigit():
+                if t not in self.class_names:
+                    raise ValueError(f"unknown target class '{t}'; classes: {', '.join(self.class_names)}")
+                out[i] = self.class_names.index(t)
+            else:
+                out[i] = int(t)
+                if not 0 <= out[i] < self.model.num_classes:
+                    raise ValueError(f"target {int(t)} out of range: the model has {self.model.num_classes} classes")
+        return out
+
+    def explain(self, images, method: str = "gradcam", target=None, **options) -> Explanation:
+        return self.explain_methods(images, [method], target, **options)[method]
+
+    def explain_methods(self, images, methods, target=None, **options) -> dict:
+        """Several methods from one forward pass per batch: {method: Explanation}."""
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise MethodError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+        x = self.model.preprocess(images)
+        targets = self.resolve_targets(target, len(x))
+        opts = {"batch_size": max(self.batch_size, 32), "scorecam_topk": self.scorecam_topk, **options}
+        parts = {m: [] for m in methods}
+        for start in range(0, len(x), self.batch_size):
+            xb, tb = x[start:start + self.batch_size], targets[start:start + self.batch_size]
+            out = self.model.run(xb, tb)
+            inputs = CamInputs(out["features"], out["grads"], out["logits"], out["target_used"].astype(np.int64),
+                               xb, self.model, self.k, opts)
+            for m in methods:
+                parts[m].append((self.cams(m, inputs), out["logits"], out["probabilities"], out["target_used"]))
+        return {m: self._finish(m, parts[m]) for m in methods}
+
+    def cams(self, method: str, inputs: CamInputs) -> np.ndarray:
+        """The method's map at feature resolution, after ReLU: (N, h, w) float32."""
+        out = np.asarray(METHODS[method](inputs), np.float32)
+        if out.ndim == 2:  # channel weights
+            out = self.k.weighted_sum(inputs.features, out)
+        return self.k.relu(out)
+
+    def _finish(self, method: str, parts: list) -> Explanation:
+        cams = np.concatenate([p[0] for p in parts])
+        heatmaps = self.k.normalize_minmax(self.k.upsample_bilinear(cams, self.input_size, self.input_size))
+        return Explanation(method, cams, heatmaps, np.concatenate([p[1] for p in parts]),
+                           np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int64),
+                           self.class_names)

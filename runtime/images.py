@@ -1,0 +1,123 @@
+"""Reading images from disk robustly: every failure becomes one clear line naming the file.
+
+Used by training (train/data.py), the explainer CLI and the evaluation, so that a photo
+is decoded the same way everywhere. OpenCV does the decoding: it converts grayscale,
+RGBA, palette, 16-bit and CMYK files to 8-bit colour and applies the EXIF orientation,
+so a phone photo is explained upright.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Above this many pixels on the long side we let libjpeg decode at 1/2, 1/4 or 1/8 scale,
+# so a 12000x12000 photo never becomes a 432 MB array just to be shrunk to 224x224.
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; str() is a one-line message naming the file."""
+
+
+def is_image_file(path) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder) -> list[str]:
+    """All image files under `folder`, recursively, sorted (hidden files skipped)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f) and not f.startswith("."))
+    return found
+
+
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from a PNG or JPEG header without decoding, or None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = struct.unpack(">H", data[i + 2:i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return w, h
+            i += 2 + length
+    return None
+
+
+def _looks_truncated(data: bytes) -> bool:
+    # libjpeg fills a truncated JPEG with grey and only warns; a real JPEG ends with the
+    # EOI marker (FFD9), which cannot occur inside entropy-coded data (0xFF is stuffed).
+    if data[:2] == b"\xff\xd8":
+        return b"\xff\xd9" not in data[-1024:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 0) -> np.ndarray:
+    """Decode encoded image bytes to an RGB uint8 array (H, W, 3).
+
+    `min_side`: the caller will shrink the image to this size, so a huge JPEG may be
+    decoded at a reduced scale as long as its short side stays at least this large.
+    """
+    if len(data) == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    if _looks_truncated(data):
+        raise ImageError(f"{name}: truncated image file")
+    flags = cv2.IMREAD_COLOR
+    size = image_size_from_header(data)
+    if min_side and size and data[:2] == b"\xff\xd8":
+        for factor, reduced in _REDUCED:
+            if min(size) // factor >= max(min_side, 1) * 2:
+                flags = reduced
+                break
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        bgr = cv2.imdecode(buf, flags)
+    except cv2.error as exc:  # OpenCV raises for some corrupt headers instead of returning None
+        raise ImageError(f"{name}: cannot decode image ({str(exc).strip().splitlines()[-1]})") from None
+    if bgr is None or bgr.size == 0:
+        raise ImageError(f"{name}: not a readable image (corrupt, truncated or not an image)")
+    if bgr.ndim == 2:
+        bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+    if bgr.dtype != np.uint8:  # IMREAD_COLOR already gives 8 bits; this guards odd TIFFs
+        bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(float(bgr.max()), 1.0))
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path, min_side: int = 0) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3); raises ImageError with a one-line message."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a folder, not an image")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_image(data, path, min_side=min_side)
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size the way training did (bilinear; area when shrinking a lot)."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    interp = cv2.INTER_AREA if min(h, w) > 2 * size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interp)

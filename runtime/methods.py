@@ -1,0 +1,168 @@
+"""The CAM methods. Each one is a small function that receives what one forward pass
+produced (`CamInputs`) and returns either
+
+  channel weights (N, C): the explainer forms ReLU(sum_k w_k A_k), or
+  a map (N, h, w): the explainer applies the ReLU,
+
+in the manner of pytorch-grad-cam's get_cam_weights. The plumbing (preprocessing,
+the onnxruntime call, targets, upsampling, normalisation) lives in explainer.py.
+
+Adding a method: write one function here and decorate it with @register("name").
+Per-pixel loops go through `a.k`, the camkernels namespace (numba or numpy twins).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METHODS: dict = {}
+
+
+def register(name: str):
+    def add(fn):
+        METHODS[name] = fn
+        return fn
+    return add
+
+
+class MethodError(ValueError):
+    pass
+
+
+@dataclass
+class CamInputs:
+    features: np.ndarray       # (N, h, w, C) conv4 activations A
+    grads: np.ndarray          # (N, h, w, C) d y^c / d A for each image's target c (pre-softmax score)
+    logits: np.ndarray         # (N, classes)
+    targets: np.ndarray        # (N,) class explained per image
+    inputs: np.ndarray         # (N, S, S, 3) the preprocessed images
+    model: object              # runtime.model.OnnxModel, for methods that re-run the network
+    k: object                  # camkernels namespace
+    options: dict = field(default_factory=dict)
+
+
+@register("cam")
+def cam(a: CamInputs):
+    """CAM (Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016):
+    M_c = sum_k w_k^c A_k with w^c the Dense weights after global average pooling. With
+    that head, d y^c / d A_ij^k = w_k^c / (h w) at every position, so the summed gradient
+    is exactly w_k^c. Defined only for the GAP head."""
+    if a.model.head_kind != "gap":
+        raise MethodError("method 'cam' needs a global-average-pooling head (Zhou 2016); this model has the "
+                          f"'{a.model.head_kind}' head: train with --head gap, or use gradcam")
+    h, w = a.features.shape[1:3]
+    return a.k.channel_mean(a.grads) * np.float32(h * w)
+
+
+@register("gradcam")
+def gradcam(a: CamInputs):
+    """Grad-CAM (Selvaraju et al., ICCV 2017): w_k^c = mean_ij d y^c / d A_ij^k."""
+    return a.k.channel_mean(a.grads)
+
+
+@register("gradcam++")
+def gradcam_plus_plus(a: CamInputs):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018, eq. 19 with the exponential score):
+    alpha = g^2 / (2 g^2 + sum_ab A_ab g^3), w_k = sum_ij alpha_ij relu(g_ij)."""
+    return a.k.gradcampp_weights(a.features, a.grads)
+
+
+@register("xgradcam")
+def xgradcam(a: CamInputs):
+    """XGrad-CAM (Fu et al., BMVC 2020): w_k = sum_ij (A_ij^k / sum_ab A_ab^k) g_ij^k."""
+    return a.k.xgradcam_weights(a.features, a.grads)
+
+
+@register("hirescam")
+def hirescam(a: CamInputs):
+    """HiResCAM (Draelos & Carin, 2020): the element-wise product sum_k g^k * A^k, no averaging."""
+    return a.k.grad_product_sum(a.features, a.grads, False)
+
+
+@register("layercam")
+def layercam(a: CamInputs):
+    """Layer-CAM (Jiang et al., IEEE TIP 2021): sum_k relu(g^k) * A^k, position by position."""
+    return a.k.grad_product_sum(a.features, a.grads, True)
+
+
+@register("scorecam")
+def scorecam(a: CamInputs):
+    """Score-CAM (Wang et al., CVPR-W 2020): w_k = softmax(f(X * H_k))_c, where H_k is
+    A_k upsampled to the input and min-max normalised. As in the authors' code, a
+    constant channel gives no mask and weight 0 (an all-zero channel adds nothing to
+    the map either way). Option `scorecam_topk`: keep the k channels of largest
+    activation variance, as Faster Score-CAM does, for real time."""
+    n, h, w, c = a.features.shape
+    size, batch = a.inputs.shape[1], int(a.options.get("batch_size", 32))
+    topk = a.options.get("scorecam_topk")
+    weights = np.zeros((n, c), np.float32)
+    for i in range(n):
+        acts = np.ascontiguousarray(a.features[i].transpose(2, 0, 1))  # (C, h, w)
+        live = np.flatnonzero(acts.max(axis=(1, 2)) > acts.min(axis=(1, 2)))
+        if topk:
+            live = np.sort(live[np.argsort(-acts[live].var(axis=(1, 2)), kind="stable")[:int(topk)]])
+        for start in range(0, len(live), batch):
+            chunk = live[start:start + batch]
+            masks = a.k.normalize_minmax(a.k.upsample_bilinear(acts[chunk], size, size))
+            probs = a.model.probabilities(a.k.masked_inputs(a.inputs[i], masks), batch)
+            weights[i, chunk] = probs[:, a.targets[i]]
+    return weights
+
+
+@register("ablationcam")
+def ablationcam(a: CamInputs):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_k = (y^c - y_k^c) / y^c, where y_k^c
+    is the score with channel k of the feature map set to zero. Only the head is re-run.
+    A channel that is already all zero cannot change the score: its weight is 0."""
+    n, h, w, c = a.features.shape
+    batch = int(a.options.get("ablation_batch", 128))
+    weights = np.zeros((n, c), np.float32)
+    for i in range(n):
+        t = a.targets[i]
+        base = float(a.logits[i, t])
+        denom = base if abs(base) > 1e-7 else 1e-7
+        live = np.flatnonzero(a.features[i].reshape(-1, c).max(axis=0) > 0)
+        for start in range(0, len(live), batch):
+            chunk = live[start:start + batch]
+            ablated = np.repeat(a.features[i][None], len(chunk), axis=0)
+            ablated[np.arange(len(chunk)), :, :, chunk] = 0.0
+            weights[i, chunk] = (base - a.model.head(ablated)[:, t]) / denom
+    return weights
+
+
+def _first_principal_projection(m: np.ndarray, iters: int = 300, tol: float = 1e-10) -> np.ndarray:
+    """m @ v1, v1 the first right singular vector of m (hw, C), by power iteration on
+    m^T m (a few matrix-vector products); numpy's SVD when it does not converge."""
+    v = m.mean(axis=0)
+    norm = np.linalg.norm(v)
+    if norm == 0:
+        return np.zeros(m.shape[0])
+    v /= norm
+    for _ in range(iters):
+        nv = m.T @ (m @ v)
+        nn = np.linalg.norm(nv)
+        if nn == 0:
+            return np.zeros(m.shape[0])
+        nv /= nn
+        if np.abs(nv - v).max() < tol:
+            return m @ nv
+        v = nv
+    return m @ np.linalg.svd(m, full_matrices=False)[2][0]
+
+
+@register("eigencam")
+def eigencam(a: CamInputs):
+    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the projection of the activations on
+    their first principal component, O V_1 (no centring, as in the paper). The sign of a
+    singular vector is arbitrary: we choose the one whose map agrees with the summed
+    activations, so the object is bright, not dark. Class-agnostic."""
+    n, h, w, c = a.features.shape
+    maps = np.empty((n, h, w), np.float32)
+    for i in range(n):
+        m = a.features[i].reshape(h * w, c).astype(np.float64)
+        proj = _first_principal_projection(m)
+        if proj @ m.sum(axis=1) < 0:
+            proj = -proj
+        maps[i] = proj.reshape(h, w)
+    return maps

@@ -1,0 +1,132 @@
+"""OnnxModel: an onnxruntime session plus everything the file's metadata says.
+
+The metadata written by `cli.py export` is the single source of truth for how to
+preprocess (input size, layout, channel order, value range), what the classes are
+called and where the feature map and its gradient come from. Nothing here guesses.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+REQUIRED_META = ("class_names", "input_size", "value_range", "feature_layer", "feature_shape", "head")
+REQUIRED_OUTPUTS = ("logits", "probabilities", "features", "grads")
+
+
+class ModelError(ValueError):
+    """A model file the runtime cannot use; str() is one line naming the file."""
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime tuned for a small CPU: all graph optimisations, one intra-op pool the
+    size of the machine, and no busy-waiting between calls (a webcam loop idles a lot)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def _session(path: str, threads: int | None):
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such model file")
+    if os.path.isdir(path):
+        raise ModelError(f"{path}: is a folder; pass the model.onnx inside it")
+    try:
+        return ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable ONNX model ({first[:160]})") from None
+
+
+class OnnxModel:
+    """The exported classifier: preprocess, forward with features and gradients, head."""
+
+    def __init__(self, path: str, threads: int | None = None):
+        self.path = os.fspath(path)
+        self.threads = threads
+        self.session = _session(self.path, threads)
+        raw = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in REQUIRED_META if k not in raw]
+        if missing:
+            raise ModelError(f"{self.path}: not an explicam export (metadata {', '.join(missing)} missing); "
+                             "export it with: python cli.py export")
+        outputs = [o.name for o in self.session.get_outputs()]
+        if any(o not in outputs for o in REQUIRED_OUTPUTS):
+            raise ModelError(f"{self.path}: outputs {outputs} lack one of {', '.join(REQUIRED_OUTPUTS)}")
+        meta = {}
+        for key, value in raw.items():
+            try:
+                meta[key] = json.loads(value)
+            except ValueError:
+                meta[key] = value
+        self.meta = meta
+        self.class_names = [str(c) for c in meta["class_names"]]
+        self.input_size = int(meta["input_size"])
+        self.value_range = tuple(float(v) for v in meta["value_range"])
+        self.feature_shape = tuple(int(d) for d in meta["feature_shape"])
+        self.head_kind = meta["head"]
+        self.kernel = meta.get("kernel")
+        self.input_name = meta.get("input_name", "image")
+        self._head = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def preprocess(self, images) -> np.ndarray:
+        """RGB uint8 image(s) of any size -> (N, S, S, 3) float32 in the model's value range.
+
+        Float arrays already at (N, S, S, 3) are taken as preprocessed (the evaluation
+        feeds perturbed inputs that way)."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        if isinstance(images, np.ndarray) and images.dtype != np.uint8:
+            if images.shape[1:] != (self.input_size, self.input_size, 3):
+                raise ValueError(f"float images must be preprocessed to (N, {self.input_size}, "
+                                 f"{self.input_size}, 3); got {images.shape}")
+            return np.ascontiguousarray(images, np.float32)
+        size, (lo, hi) = self.input_size, self.value_range
+        out = np.empty((len(images), size, size, 3), np.float32)
+        for i, img in enumerate(images):
+            img = np.asarray(img)
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {img.dtype} {img.shape}")
+            if img.shape[:2] != (size, size):
+                shrink = min(img.shape[:2]) > 2 * size
+                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            out[i] = img
+        out *= (hi - lo) / 255.0
+        if lo:
+            out += lo
+        return out
+
+    def run(self, x: np.ndarray, targets: np.ndarray, outputs=None) -> dict:
+        """One onnxruntime call: logits, probabilities, features, grads, target_used."""
+        names = outputs or [o.name for o in self.session.get_outputs()]
+        values = self.session.run(names, {self.input_name: x, "target": np.asarray(targets, np.int64)})
+        return dict(zip(names, values))
+
+    def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities for many preprocessed inputs (perturbation methods and metrics)."""
+        out = []
+        for i in range(0, len(x), batch_size):
+            chunk = np.ascontiguousarray(x[i:i + batch_size])
+            out.append(self.run(chunk, np.full(len(chunk), -1, np.int64), ["probabilities"])["probabilities"])
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    def head(self, features: np.ndarray) -> np.ndarray:
+        """Logits from conv4 features alone (the exported head graph), for Ablation-CAM."""
+        if self._head is None:
+            head_file = self.meta.get("head_file")
+            if not head_file:
+                raise ModelError(f"{self.path}: no head graph recorded in the metadata; re-export the model")
+            self._head = _session(os.path.join(os.path.dirname(os.path.abspath(self.path)), head_file), self.threads)
+        return self._head.run(["logits"], {"features": np.ascontiguousarray(features, np.float32)})[0]

@@ -1,0 +1,1 @@
+"""Training side of explicam (needs the `train` extra: TensorFlow)."""
