@@ -21,6 +21,30 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
 
+def quiet_tensorflow():
+    """Import TensorFlow with its start-up log lines (written straight to fd 2 by C++,
+    before any Python setting applies) kept off the terminal; shown if the import fails."""
+    if "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA probe logs too, on machines without a GPU
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 # Errors a user can cause (bad paths, bad data, bad options): one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError)
 
@@ -141,6 +165,7 @@ def make_train_config(kernel, no_augment=False, **kw):
 @friendly
 def train(kernel, run_dir, fresh, **kw):
     """Train the seed CNN; killed and restarted with the same command, it resumes."""
+    quiet_tensorflow()
     from train.fit import result_line, train as run_training
 
     summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh)
@@ -159,9 +184,50 @@ def train(kernel, run_dir, fresh, **kw):
 @friendly
 def export(kernel, run_dir, model_path, layer, out, int8, samples):
     """Export a trained model to ONNX (features + exact gradients + head), checked against Keras."""
+    quiet_tensorflow()
     from export.run import export_model
 
     export_model(kernel, run_dir, model_path, layer, out, int8, samples, log=click.echo)
+
+
+# ---------------------------------------------------------------------------- bench
+@main.command()
+@click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
+@click.option("--methods", default=None, help="Comma-separated methods [default: all].")
+@click.option("--batches", default="1,32", show_default=True, help="Batch sizes to time.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--seconds", default=1.0, show_default=True, help="Minimum timing per row.")
+@click.option("--out", default=None, help="Also write the table as Markdown to this file.")
+@click.option("--video", is_flag=True, help="Measure the whole video loop (frames/s) against the forward rate.")
+@click.option("--frames", default=300, show_default=True, help="Frames for --video.")
+@friendly
+def bench(model_path, methods, batches, threads, seconds, out, video, frames):
+    """Milliseconds per image of every method vs the plain forward pass, in one run."""
+    from runtime.model import newest_model
+
+    model_path = model_path or newest_model()
+    if video:
+        from runtime.video import bench_video
+
+        result = bench_video(model_path, frames=frames)
+        for key, value in result.items():
+            click.echo(f"{key:28s} {value}")
+        return
+    from runtime.bench import run_bench, to_markdown
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches")
+    click.echo(f"benchmarking {model_path} (ms per image; ratio to the plain forward pass)")
+    result = run_bench(model_path, methods.split(",") if methods else None, sizes, threads, min_seconds=seconds,
+                       log=click.echo)
+    table = to_markdown(result)
+    click.echo("\n" + table)
+    if out:
+        with open(out + ".partial", "w") as f:
+            f.write(table + "\n")
+        os.replace(out + ".partial", out)
 
 
 # ---------------------------------------------------------------------------- demo
@@ -172,6 +238,7 @@ def export(kernel, run_dir, model_path, layer, out, int8, samples):
 @friendly
 def demo(data, image_size, max_epochs):
     """Generate the built-in dataset, train kernel 4 and print the seed-style result line."""
+    quiet_tensorflow()
     from train import demo as demo_mod
 
     demo_mod.run_demo(data, image_size=image_size, max_epochs=max_epochs, log=click.echo)

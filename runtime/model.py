@@ -130,3 +130,14 @@ class OnnxModel:
                 raise ModelError(f"{self.path}: no head graph recorded in the metadata; re-export the model")
             self._head = _session(os.path.join(os.path.dirname(os.path.abspath(self.path)), head_file), self.threads)
         return self._head.run(["logits"], {"features": np.ascontiguousarray(features, np.float32)})[0]
+
+
+def newest_model(pattern: str = "runs/*/model.onnx") -> str:
+    """The most recently written model.onnx under runs/ (the default --model)."""
+    import glob
+
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise ModelError(f"no model found ({pattern}); train and export one first "
+                         "(python cli.py demo), or pass --model PATH")
+    return found[-1]

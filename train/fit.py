@@ -185,13 +185,13 @@ def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, ver
     from train.model import build_model
 
     run_dir = run_dir or default_run_dir(cfg.kernel, cfg.head)
+    ds = find_dataset(cfg.data, cfg.val_split, cfg.seed or 0)  # bad data first: the likelier mistake
     state = _load_resume_state(run_dir, cfg, fresh, log)
     if state and state.get("complete"):
         log(f"{run_dir}: already complete ({state['epoch']} epochs); pass --fresh to train again")
         with open(os.path.join(run_dir, "summary.json")) as f:
             return json.load(f)
 
-    ds = find_dataset(cfg.data, cfg.val_split, cfg.seed or 0)
     build_model(cfg.kernel, cfg.image_size, len(ds.class_names), cfg.head, cfg.dropout)  # validate early
     log(f"data: {cfg.data} ({ds.layout} layout), {len(ds.class_names)} classes, "
         f"{len(ds.train.paths)} training / {len(ds.val.paths)} validation images")

@@ -1,0 +1,1 @@
+"""Measuring explanations: faithfulness, localisation, sanity; the kernel-size sweep and its report."""

@@ -1,0 +1,143 @@
+"""`python cli.py bench`: milliseconds per image for every method, side by side with
+the plain forward pass, in one run on the same images. Ratios, not absolute times, are
+the figures to read: they survive a change of machine.
+
+Rows: the plain onnxruntime forward pass (the graph pruned to logits and
+probabilities), every CAM method with the numba and the numpy kernels, the INT8 model
+where model.int8.onnx exists, and the keras.io Grad-CAM tutorial (tf.GradientTape)
+where TensorFlow and model.keras are available.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.explainer import Explainer
+from runtime.model import session_options
+
+SLOW = {"scorecam"}  # hundreds of forward passes per image: fewer repetitions
+
+
+def _time_per_image(fn, n_images: int, min_seconds: float = 1.0, max_reps: int = 200, min_reps: int = 3) -> float:
+    """Median milliseconds per image over repeated calls, after one warm-up call."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0 / n_images
+
+
+def plain_forward_session(model_path: str, threads: int | None):
+    """The classifier alone (image -> logits, probabilities): the baseline every method is
+    compared with. Pruned with onnx when installed; else the full graph, said so."""
+    try:
+        import onnx
+        from onnx.utils import Extractor
+
+        pruned = Extractor(onnx.load(model_path)).extract_model(["image"], ["logits", "probabilities"])
+        return ort.InferenceSession(pruned.SerializeToString(), session_options(threads),
+                                    providers=["CPUExecutionProvider"]), "pruned graph"
+    except ImportError:
+        return ort.InferenceSession(model_path, session_options(threads),
+                                    providers=["CPUExecutionProvider"]), "full graph (onnx not installed)"
+
+
+def _keras_baseline(model_path: str):
+    """The keras.io Grad-CAM tutorial as a callable on a batch, or None without TF/model.keras."""
+    keras_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.keras")
+    if not os.path.exists(keras_path):
+        return None
+    try:
+        import keras
+        import tensorflow as tf
+    except ImportError:
+        return None
+    model = keras.models.load_model(keras_path, compile=False)
+    grad_model = keras.Model(model.input, [model.get_layer("conv4").output, model.output])
+
+    def gradcam(x):
+        with tf.GradientTape() as tape:
+            conv, preds = grad_model(x, training=False)
+            score = tf.reduce_sum(tf.reduce_max(preds, axis=1))
+        grads = tape.gradient(score, conv)
+        pooled = tf.reduce_mean(grads, axis=(1, 2))
+        heat = tf.maximum(tf.einsum("nhwc,nc->nhw", conv, pooled), 0)
+        return heat.numpy()
+    return gradcam
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import numba  # noqa: F401  (version for the record; camkernels falls back without it)
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {ort.__version__}, "
+            f"numba {numba.__version__}, numpy {np.__version__}")
+
+
+def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | None = None, images=None,
+              min_seconds: float = 1.0, log=print) -> dict:
+    """Measure everything on the same images; returns {"rows": [...], "settings": {...}}."""
+    ex = {"numba": Explainer(model_path, kernels="numba", threads=threads),
+          "numpy": Explainer(model_path, kernels="numpy", threads=threads)}
+    model = ex["numba"].model
+    size = model.input_size
+    rng = np.random.default_rng(0)
+    if images is None:  # a fixed set of structured images (smooth blobs): same inputs for every row
+        base = rng.random((max(batches), 8, 8, 3))
+        images = np.stack([np.asarray(__import__("cv2").resize(b, (size, size)) * 255, np.uint8) for b in base])
+    methods = [m for m in (methods or ex["numba"].methods) if not (m == "cam" and model.head_kind != "gap")]
+    plain, how = plain_forward_session(model_path, threads)
+    rows = []
+
+    def add(name, kernels, batch, ms, forward_ms):
+        rows.append({"name": name, "kernels": kernels, "batch": batch, "ms_per_image": ms,
+                     "ratio": ms / forward_ms})
+        log(f"  {name:24s} {kernels:6s} batch {batch:3d}: {ms:9.2f} ms/image  {ms / forward_ms:8.2f}x forward")
+
+    for batch in batches:
+        x_u8 = images[:batch]
+        x = model.preprocess(x_u8)
+        fwd = _time_per_image(lambda: plain.run(["probabilities"], {"image": x}), batch, min_seconds)
+        add("forward (onnxruntime)", "-", batch, fwd, fwd)
+        int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
+        if os.path.exists(int8):
+            q = Explainer(int8, threads=threads, warmup=False)
+            add("forward INT8", "-", batch, _time_per_image(
+                lambda: q.model.run(x, np.full(batch, -1), ["probabilities"]), batch, min_seconds), fwd)
+            add("gradcam INT8", q.kernels, batch, _time_per_image(
+                lambda: q.explain(x_u8, "gradcam"), batch, min_seconds), fwd)
+        for method in methods:
+            for kernels, e in ex.items():
+                slow = method in SLOW
+                ms = _time_per_image(lambda: e.explain(x_u8, method), batch, 0.0 if slow else min_seconds,
+                                     min_reps=1 if slow else 3)
+                add(method, kernels, batch, ms, fwd)
+        keras_gradcam = _keras_baseline(model_path)
+        if keras_gradcam is not None:
+            add("keras.io Grad-CAM (TF)", "-", batch, _time_per_image(lambda: keras_gradcam(x), batch, min_seconds), fwd)
+    settings = {"model": model_path, "input_size": size, "kernel": model.kernel, "plain_forward": how,
+                "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
+                               f"{threads or os.cpu_count()}, inter_op 1, spinning off",
+                "machine": machine()}
+    return {"rows": rows, "settings": settings}
+
+
+def to_markdown(result: dict) -> str:
+    lines = ["| what | kernels | batch | ms / image | x forward |", "|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['kernels']} | {r['batch']} | {r['ms_per_image']:.2f} | {r['ratio']:.2f} |")
+    s = result["settings"]
+    lines += ["", f"Model: {s['model']} (kernel {s['kernel']}, {s['input_size']}x{s['input_size']}); "
+              f"plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}.", f"Machine: {s['machine']}."]
+    return "\n".join(lines)
