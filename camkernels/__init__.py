@@ -1,0 +1,189 @@
+"""Per-pixel kernels for class activation maps, jitted with numba, with a numpy fallback.
+
+    import camkernels as ck
+    ck.warmup()                                   # compile now, not on the first frame
+    w = ck.channel_mean(grads)                    # Grad-CAM weights (N, C)
+    cam = ck.relu(ck.weighted_sum(acts, w))       # (N, h, w)
+    cam = ck.normalize_minmax(ck.upsample_bilinear(cam, 224, 224))
+
+`BACKEND` is what the module-level functions use: "numba", or "numpy" when numba cannot be
+imported (a one-line notice goes to stderr once). `get("numba" | "numpy" | "auto")` returns
+a namespace with the same functions bound to one backend.
+
+Shapes: acts and grads (N, h, w, C) NHWC as the ONNX model outputs them; channel weights
+(N, C); maps (N, h, w). Inputs of any float dtype or memory layout are accepted (they are
+copied to C-contiguous float32 only when needed); every result is a new float32 array.
+This package imports numpy and numba only (edge devices have no TensorFlow).
+"""
+from __future__ import annotations
+
+import operator
+import sys
+import types
+
+import numpy as np
+
+from camkernels import kernels as _k
+
+__all__ = [
+    "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
+    "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
+    "upsample_bilinear", "masked_inputs",
+]
+
+BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
+if _k.NUMBA_ERROR:  # module code runs once per process, so this prints once
+    print(f"camkernels: numba unavailable ({_k.NUMBA_ERROR}); using the slower numpy kernels",
+          file=sys.stderr)
+
+
+def _f32(x, name, ndim):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    return x
+
+
+def _pair(acts, grads):
+    a = _f32(acts, "acts", 4)
+    g = _f32(grads, "grads", 4)
+    if a.shape != g.shape:
+        raise ValueError(f"acts {a.shape} and grads {g.shape} must have the same shape (N, h, w, C)")
+    return a, g
+
+
+def _size(v, name):
+    v = operator.index(v)
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def _build(backend):
+    nb = backend == "numba"
+    impl = {name: getattr(_k, f"{name}_{'nb' if nb else 'np'}") for name in (
+        "channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
+        "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs")}
+
+    def channel_mean(grads):
+        """(N, h, w, C) -> (N, C): mean over pixels (Grad-CAM weights)."""
+        return impl["channel_mean"](_f32(grads, "grads", 4))
+
+    def weighted_sum(acts, weights):
+        """sum_k weights[n, k] * acts[n, :, :, k] -> (N, h, w), no ReLU."""
+        a = _f32(acts, "acts", 4)
+        w = _f32(weights, "weights", 2)
+        if w.shape != (a.shape[0], a.shape[3]):
+            raise ValueError(f"weights must be (N, C) = {(a.shape[0], a.shape[3])}, got {w.shape}")
+        return impl["weighted_sum"](a, w)
+
+    def gradcampp_weights(acts, grads, eps=0.0):
+        """Grad-CAM++ channel weights (N, C), eq. 19 of Chattopadhay 2018.
+
+        alpha = g^2 / (2 g^2 + sum_ij(A) g^3 + eps), 0 where the denominator is 0;
+        weight_k = sum_ij alpha * relu(g). eps=1e-6 reproduces pytorch-grad-cam exactly.
+        """
+        a, g = _pair(acts, grads)
+        return impl["gradcampp_weights"](a, g, float(eps))
+
+    def xgradcam_weights(acts, grads):
+        """XGrad-CAM channel weights (N, C): sum_ij g*A / (sum_ij A + 1e-7) (Fu 2020)."""
+        a, g = _pair(acts, grads)
+        return impl["xgradcam_weights"](a, g)
+
+    def grad_product_sum(acts, grads, relu_grads):
+        """sum_k g*A (HiResCAM) or, with relu_grads, sum_k relu(g)*A (Layer-CAM) -> (N, h, w)."""
+        a, g = _pair(acts, grads)
+        return impl["grad_product_sum"](a, g, bool(relu_grads))
+
+    def relu(maps):
+        """max(x, 0) as a new float32 array of the same shape (any shape)."""
+        x = _f32(maps, "maps", np.ndim(maps))
+        return impl["relu"](x.reshape(-1)).reshape(x.shape)
+
+    def normalize_minmax(maps):
+        """Scale each maps[n] to [0, 1] by (x - min) / (max - min); constant maps give zeros.
+
+        Works per leading index for any (N, ...) array, e.g. Score-CAM's (C, H, W) channel maps.
+        """
+        x = _f32(maps, "maps", max(np.ndim(maps), 2))
+        if x.size == 0:
+            return x.copy()
+        return impl["normalize_minmax"](x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+    def upsample_bilinear(maps, out_h, out_w):
+        """(N, h, w) -> (N, out_h, out_w), bilinear with half-pixel centres like
+        cv2.resize(..., interpolation=cv2.INTER_LINEAR), for up- and downscaling."""
+        x = _f32(maps, "maps", 3)
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise ValueError(f"maps must not be empty, got shape {x.shape}")
+        return impl["upsample_bilinear"](x, _size(out_h, "out_h"), _size(out_w, "out_w"))
+
+    def masked_inputs(image, masks, out=None):
+        """Score-CAM batch (K, H, W, ch): image (H, W, ch) times each mask (K, H, W).
+
+        `out`: optional preallocated C-contiguous float32 (K, H, W, ch) array to fill (saves
+        allocating ~150 MB per frame for K=256 at 224x224x3); it is returned.
+        """
+        img = _f32(image, "image", 3)
+        m = _f32(masks, "masks", 3)
+        if m.shape[1:] != img.shape[:2]:
+            raise ValueError(f"masks (K, H, W) {m.shape} do not match image (H, W, ch) {img.shape}")
+        shape = m.shape + img.shape[2:]
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.float32
+              or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}")
+        return impl["masked_inputs"](img, m, out)
+
+    return types.SimpleNamespace(
+        backend=backend, channel_mean=channel_mean, weighted_sum=weighted_sum,
+        gradcampp_weights=gradcampp_weights, xgradcam_weights=xgradcam_weights,
+        grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
+        upsample_bilinear=upsample_bilinear, masked_inputs=masked_inputs)
+
+
+_NAMESPACES: dict[str, types.SimpleNamespace] = {}
+
+
+def get(backend="auto") -> types.SimpleNamespace:
+    """The kernel functions bound to "numba", "numpy" or "auto" (= BACKEND)."""
+    if backend == "auto":
+        backend = BACKEND
+    if backend not in ("numba", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
+    if backend == "numba" and _k.NUMBA_ERROR:
+        raise RuntimeError(f"camkernels: the numba backend is unavailable ({_k.NUMBA_ERROR}); "
+                           "install numba or use get('numpy')")
+    if backend not in _NAMESPACES:
+        _NAMESPACES[backend] = _build(backend)
+    return _NAMESPACES[backend]
+
+
+def warmup(ns=None) -> None:
+    """Run every kernel once on tiny inputs so numba compiles (or loads its on-disk cache)
+    now rather than on the first video frame. Cheap for the numpy backend."""
+    ns = get() if ns is None else ns
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 3, 2, 4), dtype=np.float32)
+    g = rng.standard_normal((1, 3, 2, 4), dtype=np.float32)
+    w = ns.channel_mean(g)
+    ns.weighted_sum(a, w)
+    ns.gradcampp_weights(a, g)
+    ns.xgradcam_weights(a, g)
+    ns.grad_product_sum(a, g, True)
+    m = ns.relu(ns.normalize_minmax(ns.upsample_bilinear(a[..., 0], 5, 4)))
+    ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
+
+
+_auto = get()
+channel_mean = _auto.channel_mean
+weighted_sum = _auto.weighted_sum
+gradcampp_weights = _auto.gradcampp_weights
+xgradcam_weights = _auto.xgradcam_weights
+grad_product_sum = _auto.grad_product_sum
+relu = _auto.relu
+normalize_minmax = _auto.normalize_minmax
+upsample_bilinear = _auto.upsample_bilinear
+masked_inputs = _auto.masked_inputs

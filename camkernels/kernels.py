@@ -1,0 +1,326 @@
+"""Per-pixel CAM kernels. Every numba kernel (`*_nb`) sits next to its numpy twin (`*_np`).
+
+Both twins take C-contiguous float32 arrays (the wrappers in camkernels/__init__.py coerce
+and validate; nothing here does) and return float32. They compute in the same precision so
+they agree to float32 rounding:
+  * reductions (sums over pixels or channels) accumulate in float64 and round once at the end
+    (the one exception is the numpy `weighted_sum`, a float32 BLAS matmul: ~1e-7 relative);
+  * element-wise work (relu, min-max, bilinear, masking) is plain float32, in the same
+    operation order in both twins, so those agree bit for bit.
+Layouts: acts/grads (N, h, w, C) NHWC, channel weights (N, C), maps (N, h, w).
+The numba loops run C innermost (contiguous in NHWC).
+
+The kernels are serial on purpose (no parallel=True/prange). The only exact split is over
+images (never inside a reduction), and a frame is batch 1, so there is nothing to split;
+on the 2-core machine with one other busy process (as onnxruntime's thread pool or a
+training job would be), prange over images made batch-1 medians 0.1-8 ms instead of
+5-70 us (the OpenMP barrier waits out a time slice), and at batch 32 it won on 2 of 7
+kernels and lost on the other 5 and on the 256-mask Score-CAM batch.
+Serial kernels release the GIL (nogil=True), so a pipeline can overlap them with
+inference in another Python thread instead.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:
+    import numba
+    NUMBA_ERROR = None
+    if numba.config.DISABLE_JIT:  # njit would run the loops as pure Python: far too slow
+        NUMBA_ERROR = "NUMBA_DISABLE_JIT is set"
+except Exception as exc:  # ImportError; a broken llvmlite can also raise OSError on odd boards
+    numba = None
+    NUMBA_ERROR = f"{type(exc).__name__}: {exc}".strip()
+
+if numba is not None:
+    # error_model="numpy": x/0 gives inf/nan like numpy instead of raising ZeroDivisionError.
+    _jit = numba.njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
+else:
+    def _jit(f):
+        return f  # never called: get("numba") refuses without numba
+
+LANES = 8  # independent float64 partial sums in the channel reductions (lets LLVM use SIMD
+           # without fastmath; the summation order changes only at float64 rounding level)
+
+
+# --- Grad-CAM weights: mean of the gradients over pixels (Selvaraju 2017) -------------------
+@_jit
+def channel_mean_nb(g):
+    n_img, h, w, c = g.shape
+    out = np.empty((n_img, c), np.float32)
+    for n in range(n_img):
+        acc = np.zeros(c, np.float64)
+        for i in range(h):
+            for j in range(w):
+                for k in range(c):
+                    acc[k] += g[n, i, j, k]
+        for k in range(c):
+            out[n, k] = acc[k] / (h * w)
+    return out
+
+
+def channel_mean_np(g):
+    return g.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+
+
+# --- CAM from channel weights: sum_k w[n, k] * A[n, :, :, k] ------------------------------
+@_jit
+def weighted_sum_nb(a, wts):
+    n_img, h, w, c = a.shape
+    out = np.empty((n_img, h, w), np.float32)
+    lane = np.empty(LANES, np.float64)
+    c_lanes = c - c % LANES
+    for n in range(n_img):
+        wn = wts[n].astype(np.float64)
+        for i in range(h):
+            for j in range(w):
+                lane[:] = 0.0
+                for k0 in range(0, c_lanes, LANES):
+                    for q in range(LANES):
+                        lane[q] += wn[k0 + q] * a[n, i, j, k0 + q]
+                s = 0.0
+                for k in range(c_lanes, c):
+                    s += wn[k] * a[n, i, j, k]
+                out[n, i, j] = s + lane.sum()
+    return out
+
+
+def weighted_sum_np(a, wts):
+    n_img, h, w, c = a.shape
+    return np.matmul(a.reshape(n_img, h * w, c), wts[:, :, None]).reshape(n_img, h, w)
+
+
+# --- Grad-CAM++ weights (Chattopadhay 2018, eq. 19, exponential-score trick) ---------------
+# alpha = g^2 / (2 g^2 + sum_ij(A) g^3 [+ eps]), alpha = 0 where that is 0;
+# weight_k = sum_ij alpha * relu(g). Pixels with g <= 0 add nothing, so the loop skips them.
+@_jit
+def gradcampp_weights_nb(a, g, eps):
+    n_img, h, w, c = a.shape
+    out = np.empty((n_img, c), np.float32)
+    for n in range(n_img):
+        sum_a = np.zeros(c, np.float64)
+        for i in range(h):
+            for j in range(w):
+                for k in range(c):
+                    sum_a[k] += a[n, i, j, k]
+        acc = np.zeros(c, np.float64)
+        for i in range(h):
+            for j in range(w):
+                for k in range(c):
+                    gv = np.float64(g[n, i, j, k])
+                    if gv > 0.0:
+                        g2 = gv * gv
+                        den = 2.0 * g2 + sum_a[k] * (g2 * gv) + eps
+                        if den != 0.0:
+                            acc[k] += (g2 / den) * gv
+        for k in range(c):
+            out[n, k] = acc[k]
+    return out
+
+
+def gradcampp_weights_np(a, g, eps):
+    sum_a = a.sum(axis=(1, 2), dtype=np.float64)[:, None, None, :]
+    gp = np.maximum(g, np.float32(0)).astype(np.float64)  # pixels with g <= 0 add nothing
+    g2 = gp * gp
+    den = g2 * gp  # den = 2 g^2 + sum_a g^3 + eps, built in place, same rounding as above
+    den *= sum_a
+    den += 2.0 * g2
+    den += eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = g2 / den
+    alpha[den == 0.0] = 0.0
+    alpha *= gp
+    return alpha.sum(axis=(1, 2)).astype(np.float32)
+
+
+# --- XGrad-CAM weights (Fu 2020): sum_ij g*A / (sum_ij A + 1e-7) ---------------------------
+@_jit
+def xgradcam_weights_nb(a, g):
+    n_img, h, w, c = a.shape
+    out = np.empty((n_img, c), np.float32)
+    for n in range(n_img):
+        sum_a = np.zeros(c, np.float64)
+        sum_ga = np.zeros(c, np.float64)
+        for i in range(h):
+            for j in range(w):
+                for k in range(c):
+                    av = np.float64(a[n, i, j, k])
+                    sum_a[k] += av
+                    sum_ga[k] += np.float64(g[n, i, j, k]) * av
+        for k in range(c):
+            out[n, k] = sum_ga[k] / (sum_a[k] + 1e-7)
+    return out
+
+
+def xgradcam_weights_np(a, g):
+    sum_a = a.sum(axis=(1, 2), dtype=np.float64)
+    sum_ga = np.einsum("nhwc,nhwc->nc", g, a, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (sum_ga / (sum_a + 1e-7)).astype(np.float32)
+
+
+# --- HiResCAM (sum_k g*A, Draelos 2020) / Layer-CAM (sum_k relu(g)*A, Jiang 2021) ----------
+@_jit
+def grad_product_sum_nb(a, g, relu_grads):
+    n_img, h, w, c = a.shape
+    out = np.empty((n_img, h, w), np.float32)
+    lane = np.empty(LANES, np.float64)
+    c_lanes = c - c % LANES
+    lo = 0.0 if relu_grads else -np.inf  # relu(g) = max(g, 0); max(g, -inf) = g
+    for n in range(n_img):
+        for i in range(h):
+            for j in range(w):
+                lane[:] = 0.0
+                for k0 in range(0, c_lanes, LANES):
+                    for q in range(LANES):
+                        lane[q] += max(np.float64(g[n, i, j, k0 + q]), lo) * a[n, i, j, k0 + q]
+                s = 0.0
+                for k in range(c_lanes, c):
+                    s += max(np.float64(g[n, i, j, k]), lo) * a[n, i, j, k]
+                out[n, i, j] = s + lane.sum()
+    return out
+
+
+def grad_product_sum_np(a, g, relu_grads):
+    if relu_grads:
+        g = np.maximum(g, np.float32(0))
+    return np.einsum("nhwc,nhwc->nhw", g, a, dtype=np.float64).astype(np.float32)
+
+
+# --- ReLU on any array (the wrapper flattens it) -------------------------------------------
+@_jit
+def relu_nb(x):
+    out = np.empty_like(x)
+    for p in range(x.size):
+        v = x[p]
+        out[p] = np.float32(0) if v < 0 else v  # NaN stays NaN, like np.maximum
+    return out
+
+
+def relu_np(x):
+    return np.maximum(x, np.float32(0))
+
+
+# --- Min-max normalisation of each row of an (N, P) array (the wrapper flattens maps) -------
+# A constant row (max - min <= 1e-12 * max(1, |max|)) gives zeros. Inputs must be finite.
+@_jit
+def normalize_minmax_nb(x):
+    n_map, p_len = x.shape
+    out = np.empty_like(x)
+    for n in range(n_map):
+        mn = x[n, 0]
+        mx = x[n, 0]
+        for p in range(1, p_len):
+            v = x[n, p]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        rng = mx - mn
+        if rng <= 1e-12 * max(1.0, abs(np.float64(mx))):
+            for p in range(p_len):
+                out[n, p] = 0
+        else:
+            for p in range(p_len):
+                out[n, p] = (x[n, p] - mn) / rng
+    return out
+
+
+def normalize_minmax_np(x):
+    mn = x.min(axis=1, keepdims=True)
+    mx = x.max(axis=1, keepdims=True)
+    rng = mx - mn
+    flat = rng <= 1e-12 * np.maximum(1.0, np.abs(mx.astype(np.float64)))
+    out = (x - mn) / np.where(flat, np.float32(1), rng)
+    out[flat[:, 0]] = 0
+    return out
+
+
+# --- Bilinear resize with half-pixel centres, as cv2.resize(INTER_LINEAR) ------------------
+# Per output index d: src = (d + 0.5) * scale - 0.5 in float64, scale = 1 / (n_out / n_in)
+# as cv2 computes it; s0 = floor(src), frac = src - s0, clamped to the edge pixel (frac = 0)
+# when s0 < 0 or s0 >= n_in - 1. Then a horizontal and a vertical pass, each
+# p0 * (1 - frac) + p1 * frac in float32. (Rounding src to float32 before taking the
+# fraction, as older cv2 sources suggest, is off by up to 8e-5 when shrinking 224 -> 100;
+# float64 agrees with cv2 5.0 to 1e-5 and with exact bilinear to 6e-7.)
+@_jit
+def linear_coords_nb(n_in, n_out):
+    scale = 1.0 / (n_out / n_in)
+    i0 = np.empty(n_out, np.int64)
+    i1 = np.empty(n_out, np.int64)
+    w0 = np.empty(n_out, np.float32)
+    w1 = np.empty(n_out, np.float32)
+    for d in range(n_out):
+        src = (d + 0.5) * scale - 0.5
+        s = math.floor(src)
+        frac = np.float32(src - s)
+        if s < 0:
+            s, frac = 0, np.float32(0)
+        if s >= n_in - 1:
+            s, frac = n_in - 1, np.float32(0)
+        i0[d] = s
+        i1[d] = min(s + 1, n_in - 1)
+        w0[d] = np.float32(1) - frac
+        w1[d] = frac
+    return i0, i1, w0, w1
+
+
+def linear_coords_np(n_in, n_out):
+    scale = 1.0 / (n_out / n_in)
+    src = (np.arange(n_out) + 0.5) * scale - 0.5
+    s = np.floor(src)
+    frac = (src - s).astype(np.float32)
+    frac[(s < 0) | (s >= n_in - 1)] = 0
+    i0 = np.clip(s, 0, n_in - 1).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, np.float32(1) - frac, frac
+
+
+@_jit
+def upsample_bilinear_nb(x, out_h, out_w):
+    n_map, in_h, in_w = x.shape
+    y0, y1, wy0, wy1 = linear_coords_nb(in_h, out_h)
+    x0, x1, wx0, wx1 = linear_coords_nb(in_w, out_w)
+    out = np.empty((n_map, out_h, out_w), np.float32)
+    for n in range(n_map):
+        tmp = np.empty((in_h, out_w), np.float32)  # horizontal pass, one row per source row
+        for i in range(in_h):
+            for j in range(out_w):
+                tmp[i, j] = x[n, i, x0[j]] * wx0[j] + x[n, i, x1[j]] * wx1[j]
+        for i in range(out_h):
+            r0, r1, b0, b1 = y0[i], y1[i], wy0[i], wy1[i]
+            for j in range(out_w):
+                out[n, i, j] = tmp[r0, j] * b0 + tmp[r1, j] * b1
+    return out
+
+
+def upsample_bilinear_np(x, out_h, out_w):
+    y0, y1, wy0, wy1 = linear_coords_np(x.shape[1], out_h)
+    x0, x1, wx0, wx1 = linear_coords_np(x.shape[2], out_w)
+    tmp = x[:, :, x0] * wx0
+    tmp += x[:, :, x1] * wx1
+    out = np.take(tmp, y0, axis=1)  # in place from here on: this pass is memory-bound
+    out *= wy0[:, None]
+    bottom = np.take(tmp, y1, axis=1)
+    bottom *= wy1[:, None]
+    out += bottom
+    return out
+
+
+# --- Score-CAM masked-input batch: out[k] = image * masks[k][..., None] (Wang 2020) -------
+@_jit
+def masked_inputs_nb(image, masks, out):
+    h, w, c = image.shape
+    for k in range(masks.shape[0]):
+        for i in range(h):
+            for j in range(w):
+                m = masks[k, i, j]
+                for ch in range(c):
+                    out[k, i, j, ch] = image[i, j, ch] * m
+    return out
+
+
+def masked_inputs_np(image, masks, out):
+    return np.multiply(image[None], masks[..., None], out=out)
