@@ -230,11 +230,92 @@ def bench(model_path, methods, batches, threads, seconds, out, video, frames):
         os.replace(out + ".partial", out)
 
 
+# ---------------------------------------------------------------------------- evaluate / sweep
+def eval_options(fn):
+    """How explanations are measured (shared by evaluate and sweep)."""
+    opts = [
+        click.option("--methods", default="all", show_default=True,
+                     help="Comma-separated methods, or 'all' (every method the model supports)."),
+        click.option("--limit", type=int, default=None, help="Evaluate only the first N validation images "
+                     "(class-balanced) [default: all]."),
+        click.option("--steps", default=16, show_default=True, help="Deletion / insertion steps (RISE)."),
+        click.option("--deletion-baseline", type=click.Choice(["black", "blur"]), default="black", show_default=True),
+        click.option("--insertion-baseline", type=click.Choice(["blur", "black"]), default="blur", show_default=True),
+        click.option("--eval-batch", default=128, show_default=True, help="Perturbed inputs per onnxruntime call."),
+        click.option("--scorecam-topk", type=int, default=None,
+                     help="Score-CAM on the K channels of largest variance only (faster) [default: all]."),
+        click.option("--sanity-images", default=16, show_default=True,
+                     help="Images for the randomisation test (needs TensorFlow and model.keras); 0 skips it."),
+        click.option("--target", type=click.Choice(["predicted", "label"]), default="predicted", show_default=True,
+                     help="Explain the predicted class or the true label."),
+        click.option("--tolerance", default=0, show_default=True, help="Pointing-game tolerance in pixels."),
+        click.option("--masks", default=None, type=click.Path(), help="Object masks folder with the dataset's "
+                     "layout (<split>/<class>/<stem>.png) [default: DATA/masks when present]."),
+        click.option("--boxes", default=None, type=click.Path(),
+                     help="Bounding boxes CSV: image,x_min,y_min,x_max,y_max (pixels of the image file)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def make_eval_config(methods, eval_batch, sanity_images, seed=None, threads=None, **kw):
+    from evaluate.evaluate import EvalConfig
+
+    chosen = None if methods in (None, "", "all") else [m.strip() for m in methods.split(",") if m.strip()]
+    if sanity_images > 0:
+        try:
+            quiet_tensorflow()  # the randomisation test rebuilds models; without TensorFlow it is skipped
+        except ImportError:
+            pass
+    return EvalConfig(methods=chosen, batch_size=eval_batch, sanity_images=sanity_images, seed=seed or 0,
+                      threads=threads, **kw)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(), help="An explicam model.onnx.")
+@click.option("--data", required=True, type=click.Path(), help="The dataset the model was trained on.")
+@eval_options
+@click.option("--out", default=None, help="Output folder [default: eval/ beside the model].")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random maps and tie-breaking.")
+@friendly
+def evaluate(model_path, data, out, **kw):
+    """Faithfulness, localisation and sanity metrics of every method, against a random baseline."""
+    from evaluate.evaluate import format_table, run_evaluation
+
+    results = run_evaluation(model_path, data, make_eval_config(**kw), out=out, log=click.echo)
+    click.echo("\n" + format_table(results))
+    click.echo(f"\nwrote {os.path.join(results['out'], 'metrics.csv')} and metrics.json")
+
+
+@main.command()
+@click.option("--kernels", default="2,4,8,16,32", show_default=True, help="Kernel sizes to compare.")
+@train_options
+@eval_options
+@click.option("--runs-dir", default="runs", show_default=True, help="Run folders go to RUNS_DIR/k{K}.")
+@click.option("--out", default="report", show_default=True, help="Report folder (index.html, report.md).")
+@friendly
+def sweep(kernels, data, runs_dir, out, methods, limit, steps, deletion_baseline, insertion_baseline, eval_batch,
+          scorecam_topk, sanity_images, target, tolerance, masks, boxes, **train_kw):
+    """The seed's kernel-size experiment: train, export and evaluate each kernel, then a report.
+    Stopped and restarted with the same command, it skips what is done."""
+    quiet_tensorflow()
+    from evaluate.sweep import parse_kernels, run_sweep
+
+    cfg = make_eval_config(methods, eval_batch, sanity_images, seed=train_kw.get("seed"), limit=limit, steps=steps,
+                           deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
+                           scorecam_topk=scorecam_topk, target=target, tolerance=tolerance, masks=masks, boxes=boxes)
+    path = run_sweep(data, parse_kernels(kernels), lambda k: make_train_config(k, data=data, **train_kw), cfg,
+                     runs_dir=runs_dir, out=out, log=click.echo)
+    click.echo(f"report: {path}")
+
+
 # ---------------------------------------------------------------------------- demo
 @main.command()
 @click.option("--data", default="data/synth", show_default=True, help="Where the built-in dataset goes.")
 @click.option("--image-size", default=128, show_default=True)
-@click.option("--max-epochs", default=30, show_default=True)
+@click.option("--max-epochs", default=15, show_default=True)
 @friendly
 def demo(data, image_size, max_epochs):
     """Generate the built-in dataset, train kernel 4 and print the seed-style result line."""

@@ -1,17 +1,17 @@
 """`python cli.py demo`: the whole walk on the built-in dataset, on a fresh machine.
 
 Settings are chosen to finish in minutes on 2 CPU cores (128 px images, batch 32, at
-most 30 epochs) while keeping the seed network and optimiser; they are printed so the
+most 15 epochs) while keeping the seed network and optimiser; they are printed so the
 run can be repeated with `cli.py train`.
 """
 from __future__ import annotations
 
 import os
 
-DEMO_TRAIN = dict(kernel=4, batch_size=32, patience=8, seed=0)
+DEMO_TRAIN = dict(kernel=4, batch_size=32, patience=5, seed=0)
 
 
-def run_demo(data: str, image_size: int = 128, max_epochs: int = 30, log=print) -> dict:
+def run_demo(data: str, image_size: int = 128, max_epochs: int = 15, log=print) -> dict:
     from train import synth
     from train.fit import TrainConfig, result_line, train
 
@@ -23,7 +23,7 @@ def run_demo(data: str, image_size: int = 128, max_epochs: int = 30, log=print) 
     cfg = TrainConfig(data=data, image_size=image_size, max_epochs=max_epochs, **DEMO_TRAIN)
     run_dir = os.path.join("runs", "k4")
     log(f"[2/2] training kernel 4 into {run_dir}: python cli.py train --data {data} --kernel 4 "
-        f"--image-size {image_size} --batch-size 32 --max-epochs {max_epochs} --patience 8 --seed 0")
+        f"--image-size {image_size} --batch-size 32 --max-epochs {max_epochs} --patience 5 --seed 0")
     summary = train(cfg, run_dir=run_dir, verbose=2, log=log)
     log(result_line(summary))
     return summary

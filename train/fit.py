@@ -67,8 +67,9 @@ def format_duration(seconds: float) -> str:
 def result_line(summary: dict) -> str:
     return (f"Max Epoch {summary['epochs_run']}/{summary['max_epochs']} | "
             f"Wall time: {format_duration(summary['wall_time_s'])} | "
-            f"Final validation accuracy: {summary['final_val_accuracy']:.2%} "
-            f"(best {summary['best_val_accuracy']:.2%} at epoch {summary['best_epoch']})")
+            f"Final validation accuracy: {summary['final_val_accuracy']:.2%} | "
+            f"kept model: epoch {summary['best_epoch']} (best {summary['monitor']}), "
+            f"{summary['model_val_accuracy']:.2%}")
 
 
 def write_json_atomic(path: str, obj) -> None:
