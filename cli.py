@@ -168,7 +168,8 @@ def train(kernel, run_dir, fresh, **kw):
     quiet_tensorflow()
     from train.fit import result_line, train as run_training
 
-    summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh)
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in a log
+    summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh, verbose=verbose)
     click.echo(result_line(summary))
 
 
@@ -188,6 +189,90 @@ def export(kernel, run_dir, model_path, layer, out, int8, samples):
     from export.run import export_model
 
     export_model(kernel, run_dir, model_path, layer, out, int8, samples, log=click.echo)
+
+
+# ---------------------------------------------------------------------------- explain
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
+@click.option("--method", default="gradcam", show_default=True,
+              help="gradcam, gradcam++, xgradcam, hirescam, layercam, scorecam, ablationcam, eigencam, cam; "
+                   "several comma-separated or 'all' for a grid (images only).")
+@click.option("--target", default=None, help="Class (name or index) to explain [default: the top-1 class].")
+@click.option("--out", default="out", show_default=True, help="Output folder for images (and default video).")
+@click.option("--top-k", default=3, show_default=True, help="Classes written on overlays and in predictions.csv.")
+@click.option("--alpha", default=0.5, show_default=True, help="Heatmap opacity over the photo (0..1).")
+@click.option("--colormap", default="jet", show_default=True,
+              help="jet, turbo, inferno, viridis, magma, plasma, hot or bone.")
+@click.option("--side-by-side", is_flag=True, help="Put the photo and its overlay next to each other.")
+@click.option("--heatmap", type=click.Choice(["png", "npy"]), default=None,
+              help="Also save the raw heatmap: 16-bit PNG or float32 .npy.")
+@click.option("--labels/--no-labels", default=True, show_default=True, help="Write predictions on the overlays.")
+@click.option("--batch-size", default=16, show_default=True, help="Images per onnxruntime call.")
+@click.option("--webcam", type=int, is_flag=False, flag_value=0, default=None,
+              help="Explain a camera live: --webcam (camera 0) or --webcam N.")
+@click.option("--video", default=None, help="Explain a video file (or an rtsp:// / http:// stream) frame by frame.")
+@click.option("--show", is_flag=True, help="Video: show the overlays in a window (q to quit).")
+@click.option("--output", default=None, help="Video: record the overlays to this .mp4/.avi (finished on Ctrl-C too).")
+@click.option("--serve", type=int, default=None, metavar="PORT",
+              help="Video: live view in a browser at http://HOST:PORT/ (MJPEG).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address --serve listens on; 0.0.0.0 to watch from other machines.")
+@click.option("--realtime", is_flag=True, help="Video file: play at its own speed, dropping frames like a camera.")
+@click.option("--max-frames", type=int, default=None, help="Video: stop after this many frames.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@friendly
+def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
+            batch_size, webcam, video, show, output, serve, host, realtime, max_frames, threads):
+    """Heatmaps for images and folders, video files and webcams.
+
+    \b
+      python cli.py explain photo.jpg photos/ --out out/    overlays + predictions.csv
+      python cli.py explain photos/ --method all             every method side by side
+      python cli.py explain --webcam --show                  live, in a window
+      python cli.py explain --video clip.mp4 --output o.mp4  every frame, recorded
+      python cli.py explain --webcam --serve 8080            live, in a browser
+    """
+    import contextlib
+
+    from runtime.capture import stream_source
+
+    source = stream_source(paths, webcam, video, realtime)
+    if source is not None:
+        from runtime.video import explain_stream
+
+        res = explain_stream(source, model_path, method, target, show, output, serve, host, out, alpha, colormap,
+                             labels, max_frames, threads=threads, log=lambda m: click.echo(m, err=True))
+        click.echo(stream_summary(res))
+        return
+    if not paths:
+        raise click.UsageError("give images or folders, --video FILE or --webcam [N]")
+    from runtime.files import explain_files
+
+    with contextlib.ExitStack() as stack:
+        bars = []  # the bar starts once the folders are walked and the model is loaded
+
+        def on_start(r):
+            bars.append(stack.enter_context(Progress(r.total, "explaining")))
+        res = explain_files(paths, model_path, out, method, target, top_k, alpha, colormap, side_by_side, heatmap,
+                            labels, batch_size, threads=threads, progress=lambda n: bars[0](n), on_start=on_start)
+    for line in res.notes + [f"skipped {msg}" for msg in res.skipped]:
+        click.echo(line, err=True)
+    click.echo(f"explained {res.images} image(s) with {', '.join(res.methods)} in {res.seconds:.1f}s: overlays and "
+               f"predictions.csv in {res.out}" + (f" ({len(res.skipped)} skipped)" if res.skipped else ""))
+    if res.interrupted:
+        click.echo("interrupted: the results so far are kept", err=True)
+        sys.exit(130)
+
+
+def stream_summary(res) -> str:
+    parts = [f"explained {res.frames} frame(s) of {res.source} in {res.seconds:.1f}s ({res.fps:.1f} FPS)"]
+    if res.dropped:
+        parts.append(f"{res.dropped} dropped to stay live")
+    if res.message:
+        parts.append(res.message)
+    parts += [f"wrote {path} ({n} frames)" for path, n in res.outputs]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------- bench
