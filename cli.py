@@ -282,11 +282,13 @@ def stream_summary(res) -> str:
 @click.option("--batches", default="1,32", show_default=True, help="Batch sizes to time.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("--seconds", default=1.0, show_default=True, help="Minimum timing per row.")
+@click.option("--images", "images_dir", default=None, type=click.Path(),
+              help="Time on these images (a folder, e.g. data/synth/validation) [default: generated blobs].")
 @click.option("--out", default=None, help="Also write the table as Markdown to this file.")
 @click.option("--video", is_flag=True, help="Measure the whole video loop (frames/s) against the forward rate.")
 @click.option("--frames", default=300, show_default=True, help="Frames for --video.")
 @friendly
-def bench(model_path, methods, batches, threads, seconds, out, video, frames):
+def bench(model_path, methods, batches, threads, seconds, images_dir, out, video, frames):
     """Milliseconds per image of every method vs the plain forward pass, in one run."""
     from runtime.model import newest_model
 
@@ -304,9 +306,18 @@ def bench(model_path, methods, batches, threads, seconds, out, video, frames):
         sizes = tuple(int(b) for b in batches.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches")
+    images = None
+    if images_dir:
+        from runtime.images import list_images, read_image
+
+        files = list_images(images_dir)[::7][:max(sizes)]  # spread over the classes of a sorted folder
+        if len(files) < max(sizes):
+            raise click.BadParameter(f"{images_dir} has {len(files)} images at a stride of 7; need {max(sizes)}",
+                                     param_hint="--images")
+        images = [read_image(f) for f in files]
     click.echo(f"benchmarking {model_path} (ms per image; ratio to the plain forward pass)")
-    result = run_bench(model_path, methods.split(",") if methods else None, sizes, threads, min_seconds=seconds,
-                       log=click.echo)
+    result = run_bench(model_path, methods.split(",") if methods else None, sizes, threads, images=images,
+                       min_seconds=seconds, log=click.echo)
     table = to_markdown(result)
     click.echo("\n" + table)
     if out:

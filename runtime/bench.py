@@ -108,6 +108,7 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
     for batch in batches:
         x_u8 = images[:batch]
         x = model.preprocess(x_u8)
+        x_u8 = x_u8 if isinstance(x_u8, np.ndarray) else list(x_u8)
         fwd = _time_per_image(lambda: plain.run(["probabilities"], {"image": x}), batch, min_seconds)
         add("forward (onnxruntime)", "-", batch, fwd, fwd)
         int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
@@ -126,7 +127,7 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         keras_gradcam = _keras_baseline(model_path)
         if keras_gradcam is not None:
             add("keras.io Grad-CAM (TF)", "-", batch, _time_per_image(lambda: keras_gradcam(x), batch, min_seconds), fwd)
-    settings = {"model": model_path, "input_size": size, "kernel": model.kernel, "plain_forward": how,
+    settings = {"model": model_path, "input_size": size, "images": "given" if images is not None else "generated", "kernel": model.kernel, "plain_forward": how,
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning off",
                 "machine": machine()}

@@ -116,7 +116,7 @@ def ablationcam(a: CamInputs):
     is the score with channel k of the feature map set to zero. Only the head is re-run.
     A channel that is already all zero cannot change the score: its weight is 0."""
     n, h, w, c = a.features.shape
-    batch = int(a.options.get("ablation_batch", 128))
+    batch = int(a.options.get("ablation_batch", 32))  # small batches stay in cache
     weights = np.zeros((n, c), np.float32)
     for i in range(n):
         t = a.targets[i]
