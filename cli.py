@@ -258,8 +258,8 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
                             labels, batch_size, threads=threads, progress=lambda n: bars[0](n), on_start=on_start)
     for line in res.notes + [f"skipped {msg}" for msg in res.skipped]:
         click.echo(line, err=True)
-    click.echo(f"explained {res.images} image(s) with {', '.join(res.methods)} in {res.seconds:.1f}s: overlays and "
-               f"predictions.csv in {res.out}" + (f" ({len(res.skipped)} skipped)" if res.skipped else ""))
+    click.echo(f"explained {len(res.images)} image(s) with {', '.join(res.methods)} in {res.seconds:.1f}s: "
+               f"overlays and predictions.csv in {res.out}" + (f" ({len(res.skipped)} skipped)" if res.skipped else ""))
     if res.interrupted:
         click.echo("interrupted: the results so far are kept", err=True)
         sys.exit(130)
@@ -335,8 +335,10 @@ def eval_options(fn):
         click.option("--limit", type=int, default=None, help="Evaluate only the first N validation images "
                      "(class-balanced) [default: all]."),
         click.option("--steps", default=16, show_default=True, help="Deletion / insertion steps (RISE)."),
-        click.option("--deletion-baseline", type=click.Choice(["black", "blur"]), default="black", show_default=True),
-        click.option("--insertion-baseline", type=click.Choice(["blur", "black"]), default="blur", show_default=True),
+        click.option("--deletion-baseline", type=click.Choice(["black", "blur"]), default="black", show_default=True,
+                     help="What deletion replaces pixels with (RISE: black)."),
+        click.option("--insertion-baseline", type=click.Choice(["blur", "black"]), default="blur", show_default=True,
+                     help="What insertion starts from (RISE: a blurred copy)."),
         click.option("--eval-batch", default=128, show_default=True, help="Perturbed inputs per onnxruntime call."),
         click.option("--scorecam-topk", type=int, default=None,
                      help="Score-CAM on the K channels of largest variance only (faster) [default: all]."),
@@ -414,7 +416,7 @@ def sweep(kernels, data, runs_dir, out, methods, limit, steps, deletion_baseline
 @click.option("--max-epochs", default=15, show_default=True)
 @friendly
 def demo(data, image_size, max_epochs):
-    """Generate the built-in dataset, train kernel 4 and print the seed-style result line."""
+    """The whole walk on the built-in dataset: data, training, export, explanations, report."""
     quiet_tensorflow()
     from train import demo as demo_mod
 

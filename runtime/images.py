@@ -15,9 +15,14 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-# Above this many pixels on the long side we let libjpeg decode at 1/2, 1/4 or 1/8 scale,
+# When the caller will shrink the image anyway, libjpeg decodes at 1/2, 1/4 or 1/8 scale,
 # so a 12000x12000 photo never becomes a 432 MB array just to be shrunk to 224x224.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+# Other formats have no scaled decoding. Above this many pixels they are decoded with
+# OpenCV's 1/2 reduction (a 2x2 box average; it also spares OpenCV's second full-size
+# buffer: 12000x12000 PNG peaks at ~540 MB instead of ~930 MB) and shrunk further with
+# INTER_AREA, so later steps only ever see the small copy.
+_SHRINK_PIXELS = 16_000_000
 
 
 class ImageError(ValueError):
@@ -80,11 +85,15 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 0) -> np.nd
         raise ImageError(f"{name}: truncated image file")
     flags = cv2.IMREAD_COLOR
     size = image_size_from_header(data)
-    if min_side and size and data[:2] == b"\xff\xd8":
-        for factor, reduced in _REDUCED:
-            if min(size) // factor >= max(min_side, 1) * 2:
-                flags = reduced
-                break
+    factor = _reduction(size, min_side)
+    if factor > 1 and data[:2] == b"\xff\xd8":
+        flags = dict(_REDUCED)[factor]
+        factor = 1
+    elif factor > 1 and size[0] * size[1] > _SHRINK_PIXELS:
+        flags = cv2.IMREAD_REDUCED_COLOR_2
+        factor //= 2
+    else:
+        factor = 1
     buf = np.frombuffer(data, np.uint8)
     try:
         bgr = cv2.imdecode(buf, flags)
@@ -96,7 +105,19 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 0) -> np.nd
         bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
     if bgr.dtype != np.uint8:  # IMREAD_COLOR already gives 8 bits; this guards odd TIFFs
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(float(bgr.max()), 1.0))
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if factor > 1:  # the rest of a huge PNG's reduction
+        bgr = cv2.resize(bgr, (bgr.shape[1] // factor, bgr.shape[0] // factor), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: no second full-size copy
+
+
+def _reduction(size, min_side: int) -> int:
+    """The largest of 8, 4, 2 that keeps the short side at least 2 * min_side, else 1."""
+    if not min_side or not size:
+        return 1
+    for factor, _ in _REDUCED:
+        if min(size) // factor >= max(min_side, 1) * 2:
+            return factor
+    return 1
 
 
 def read_image(path, min_side: int = 0) -> np.ndarray:

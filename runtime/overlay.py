@@ -33,6 +33,31 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, colormap
     return cv2.addWeighted(colorize(heatmap, colormap), alpha, image, 1.0 - alpha, 0.0)
 
 
+class Blender:
+    """overlay() for a stream of frames: colour map and alpha fixed once per stream, and
+    BGR in and out (what capture gives and writers take), so nothing is converted per frame.
+
+    The heatmap is coloured at model resolution and the colours are resized to the frame,
+    which costs half of colouring every frame pixel; heatmaps are smooth at that scale, so
+    the result is within a few levels of overlay()'s."""
+
+    def __init__(self, alpha: float = 0.5, colormap: str = "jet"):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--alpha must be between 0 and 1, got {alpha}")
+        if colormap not in COLORMAPS:
+            raise ValueError(f"--colormap must be one of {', '.join(COLORMAPS)}, got {colormap!r}")
+        self.alpha = float(alpha)
+        self.cmap = COLORMAPS[colormap]
+
+    def blend(self, bgr: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+        h, w = bgr.shape[:2]
+        u8 = np.clip(np.nan_to_num(heatmap) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        colour = cv2.applyColorMap(u8, self.cmap)
+        if colour.shape[:2] != (h, w):
+            colour = cv2.resize(colour, (w, h), interpolation=cv2.INTER_LINEAR)
+        return cv2.addWeighted(colour, self.alpha, bgr, 1.0 - self.alpha, 0.0)
+
+
 def draw_labels(image: np.ndarray, lines, corner=(6, 6)) -> np.ndarray:
     """Write lines of text on a dark box in the top-left corner (in place; returns image).
     The font scales with the image so labels stay readable on 224 px and 4000 px photos."""
@@ -76,6 +101,13 @@ def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+def titled(image: np.ndarray, title: str, height: int = 22) -> np.ndarray:
+    """The image with a white strip above it holding a title."""
+    strip = np.full((height, image.shape[1], 3), 255, np.uint8)
+    cv2.putText(strip, str(title)[:40], (3, height - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, image], axis=0)
+
+
 def grid(tiles, titles=None, cols: int | None = None, tile: int = 224) -> np.ndarray:
     """Tiles resized to tile x tile, with an optional title above each, in a grid."""
     cols = cols or len(tiles)
@@ -93,13 +125,19 @@ def grid(tiles, titles=None, cols: int | None = None, tile: int = 224) -> np.nda
 
 
 def save_png(path: str, rgb: np.ndarray) -> None:
-    """Write an RGB image atomically (temporary name, then rename): no half-written PNGs."""
+    """Write an RGB image (or a one-channel 8/16-bit map) atomically (temporary name,
+    then rename): no half-written PNGs."""
     import os
 
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb)
     if not ok:
         raise ValueError(f"{path}: could not encode PNG")
     tmp = f"{path}.partial"
-    with open(tmp, "wb") as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.tobytes())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C: leave no .partial behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
