@@ -13,76 +13,15 @@ packages. TensorFlow is imported only by `train`, `export` and what calls them.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
 import click
 
+from runtime.console import Progress, friendly
+from train import quiet_tensorflow
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
-
-def quiet_tensorflow():
-    """Import TensorFlow with its start-up log lines (written straight to fd 2 by C++,
-    before any Python setting applies) kept off the terminal; shown if the import fails."""
-    if "tensorflow" in sys.modules:
-        return
-    import tempfile
-
-    with tempfile.TemporaryFile() as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()  # the CUDA probe logs too, on machines without a GPU
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-# Errors a user can cause (bad paths, bad data, bad options): one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError)
-
-
-def friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            if os.environ.get("EXPLICAM_DEBUG"):
-                raise
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise click.ClickException(msg) from None
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(130)
-    return wrapper
-
-
-class Progress:
-    """A click progress bar usable as a callback(n) or callback(done, total)."""
-
-    def __init__(self, total: int, label: str):
-        self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
-        self.done = 0
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
-
-    def __call__(self, n: int = 1, total: int | None = None):
-        if total is not None:  # (done, total) form
-            n, self.done = n - self.done, n
-        self.bar.update(n)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
