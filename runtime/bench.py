@@ -23,15 +23,22 @@ from runtime.model import session_options
 SLOW = {"scorecam"}  # hundreds of forward passes per image: fewer repetitions
 
 
-def _time_per_image(fn, n_images: int, min_seconds: float = 1.0, max_reps: int = 200, min_reps: int = 3) -> float:
-    """Median milliseconds per image over repeated calls, after one warm-up call."""
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
+def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds: int = 3,
+                 max_rounds: int = 200) -> dict:
+    """Median milliseconds per image of each callable, timed in interleaved rounds (one
+    call of each per round, after a warm-up call each): a machine that slows down for a
+    moment slows every row alike, so the ratios stay honest on a busy box."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0 / n_images
+    times = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds * len(fns)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(t) * 1000.0 / n_images for name, t in times.items()}
 
 
 def plain_forward_session(model_path: str, threads: int | None):
@@ -105,29 +112,35 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                      "ratio": ms / forward_ms})
         log(f"  {name:24s} {kernels:6s} batch {batch:3d}: {ms:9.2f} ms/image  {ms / forward_ms:8.2f}x forward")
 
+    keras_gradcam = _keras_baseline(model_path)
+    int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
+    q = Explainer(int8, threads=threads) if os.path.exists(int8) else None
     for batch in batches:
         x_u8 = images[:batch]
         x = model.preprocess(x_u8)
         x_u8 = x_u8 if isinstance(x_u8, np.ndarray) else list(x_u8)
-        fwd = _time_per_image(lambda: plain.run(["probabilities"], {"image": x}), batch, min_seconds)
-        add("forward (onnxruntime)", "-", batch, fwd, fwd)
-        int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
-        if os.path.exists(int8):
-            q = Explainer(int8, threads=threads, warmup=False)
-            add("forward INT8", "-", batch, _time_per_image(
-                lambda: q.model.run(x, np.full(batch, -1), ["probabilities"]), batch, min_seconds), fwd)
-            add("gradcam INT8", q.kernels, batch, _time_per_image(
-                lambda: q.explain(x_u8, "gradcam"), batch, min_seconds), fwd)
+        forward = lambda: plain.run(["probabilities"], {"image": x})  # noqa: E731
+        fast = {("forward (onnxruntime)", "-"): forward}
+        if q is not None:
+            fast[("forward INT8", "-")] = lambda: q.model.run(x, np.full(batch, -1), ["probabilities"])
+            fast[("gradcam INT8", q.kernels)] = lambda: q.explain(x_u8, "gradcam")
         for method in methods:
             for kernels, e in ex.items():
-                slow = method in SLOW
-                ms = _time_per_image(lambda: e.explain(x_u8, method), batch, 0.0 if slow else min_seconds,
-                                     min_reps=1 if slow else 3)
-                add(method, kernels, batch, ms, fwd)
-        keras_gradcam = _keras_baseline(model_path)
-        if keras_gradcam is not None:
-            add("keras.io Grad-CAM (TF)", "-", batch, _time_per_image(lambda: keras_gradcam(x), batch, min_seconds), fwd)
-    settings = {"model": model_path, "input_size": size, "images": "given" if images is not None else "generated", "kernel": model.kernel, "plain_forward": how,
+                if method not in SLOW:
+                    fast[(method, kernels)] = lambda e=e, m=method: e.explain(x_u8, m)
+        ms = _interleaved(fast, batch, min_seconds)
+        fwd = ms[("forward (onnxruntime)", "-")]
+        for (name, kernels), value in ms.items():
+            add(name, kernels, batch, value, fwd)
+        for method in [m for m in methods if m in SLOW]:  # a few rounds, each beside its own forward pass
+            slow = {"forward": forward, **{k: (lambda e=e, m=method: e.explain(x_u8, m)) for k, e in ex.items()}}
+            ms = _interleaved(slow, batch, 0.0, min_rounds=3 if batch <= 4 else 1)
+            for kernels in ex:
+                add(method, kernels, batch, ms[kernels], ms["forward"])
+        if keras_gradcam is not None:  # apart: TensorFlow's idle threads would slow the onnxruntime rows
+            ms = _interleaved({"forward": forward, "keras": lambda: keras_gradcam(x)}, batch, min_seconds)
+            add("keras.io Grad-CAM (TF)", "-", batch, ms["keras"], ms["forward"])
+    settings = {"model": model_path, "input_size": size, "kernel": model.kernel, "plain_forward": how,
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning off",
                 "machine": machine()}
