@@ -42,6 +42,24 @@ def keras_tutorial_gradcam(model, layer_name, image, pred_index=None):
     return tf.maximum(tf.squeeze(heatmap), 0).numpy()
 
 
+def keras_gradcam_batch(keras_path: str, layer_name: str = "conv4"):
+    """The keras.io tutorial's Grad-CAM as a callable on a batch (top-1 class): the baseline
+    `cli.py bench` compares the runtime with. Raises ImportError without TensorFlow."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(keras_path, compile=False)
+    grad_model = keras.Model(model.input, [model.get_layer(layer_name).output, model.output])
+
+    def gradcam(x):
+        with tf.GradientTape() as tape:
+            conv, preds = grad_model(x, training=False)
+            score = tf.reduce_sum(tf.reduce_max(preds, axis=1))
+        pooled = tf.reduce_mean(tape.gradient(score, conv), axis=(1, 2))
+        return tf.maximum(tf.einsum("nhwc,nc->nhw", conv, pooled), 0).numpy()
+    return gradcam
+
+
 def minmax(x):
     x = np.asarray(x, np.float64)
     span = x.max() - x.min()

@@ -57,27 +57,17 @@ def plain_forward_session(model_path: str, threads: int | None):
 
 
 def _keras_baseline(model_path: str):
-    """The keras.io Grad-CAM tutorial as a callable on a batch, or None without TF/model.keras."""
+    """The keras.io Grad-CAM recipe on model.keras beside the model, or None when TensorFlow
+    or the Keras file is missing. It lives on the training side (export/parity.py): the
+    runtime itself never imports TensorFlow."""
     keras_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.keras")
     if not os.path.exists(keras_path):
         return None
     try:
-        import keras
-        import tensorflow as tf
+        from export.parity import keras_gradcam_batch
+        return keras_gradcam_batch(keras_path)
     except ImportError:
         return None
-    model = keras.models.load_model(keras_path, compile=False)
-    grad_model = keras.Model(model.input, [model.get_layer("conv4").output, model.output])
-
-    def gradcam(x):
-        with tf.GradientTape() as tape:
-            conv, preds = grad_model(x, training=False)
-            score = tf.reduce_sum(tf.reduce_max(preds, axis=1))
-        grads = tape.gradient(score, conv)
-        pooled = tf.reduce_mean(grads, axis=(1, 2))
-        heat = tf.maximum(tf.einsum("nhwc,nc->nhw", conv, pooled), 0)
-        return heat.numpy()
-    return gradcam
 
 
 def machine() -> str:

@@ -296,8 +296,7 @@ def _check_args(n_train, n_val, size, num_classes, habitat_bias, seed, quality, 
     _check_int("size", size, 32, 4096)
     _check_int("seed", seed, 0)
     _check_int("quality", quality, 1, 100)
-    if (not isinstance(habitat_bias, numbers.Real) or isinstance(habitat_bias, bool)
-            or not 0 <= habitat_bias <= 1):
+    if not isinstance(habitat_bias, numbers.Real) or isinstance(habitat_bias, bool) or not 0 <= habitat_bias <= 1:
         raise ValueError(f"habitat_bias must be in [0, 1], got {habitat_bias!r}")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be callable or None, got {progress!r}")
@@ -313,13 +312,11 @@ def _prepare_target(out_dir, force):
     if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         return
     if not force:
-        raise FileExistsError(f"output folder {out_dir!r} exists and is not empty "
-                              "(use force=True / --force to replace it)")
+        raise FileExistsError(f"output folder {out_dir!r} exists and is not empty (use --force to replace it)")
     # --force on a typo like "." or "~" must not wipe the project or the home folder.
     cwd, protected = os.getcwd(), (os.path.abspath(os.sep), os.path.expanduser("~"))
     if out_dir in protected or cwd == out_dir or cwd.startswith(out_dir + os.sep):
-        raise ValueError(f"refusing to delete {out_dir!r}: it is /, home or holds the "
-                         "current folder")
+        raise ValueError(f"refusing to delete {out_dir!r}: it is /, home or holds the current folder")
 
 
 def _remove(path):
@@ -364,16 +361,14 @@ def generate(out_dir, n_train=1096, n_val=272, size=224, num_classes=10, habitat
     """
     _check_args(n_train, n_val, size, num_classes, habitat_bias, seed, quality, progress)
     # Plain Python numbers from here on (numpy ints would not serialise to JSON).
-    n_train, n_val, size, num_classes, seed, quality = map(
-        int, (n_train, n_val, size, num_classes, seed, quality))
+    n_train, n_val, size, num_classes, seed, quality = map(int, (n_train, n_val, size, num_classes, seed, quality))
     habitat_bias = float(habitat_bias)
     start = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
     _prepare_target(out_dir, force)
     partial = out_dir + ".partial"
     _remove(partial)  # leftovers of an interrupted run
-    counts = {"training": _class_counts(n_train, num_classes),
-              "validation": _class_counts(n_val, num_classes)}
+    counts = {"training": _class_counts(n_train, num_classes), "validation": _class_counts(n_val, num_classes)}
     total, done = n_train + n_val, 0
 
     def tick():
@@ -384,13 +379,11 @@ def generate(out_dir, n_train=1096, n_val=272, size=224, num_classes=10, habitat
     try:
         records = []
         for split in SPLITS:
-            records += _write_split(partial, split, counts[split], size, seed,
-                                    habitat_bias, quality, tick)
+            records += _write_split(partial, split, counts[split], size, seed, habitat_bias, quality, tick)
         names = CLASS_NAMES[:num_classes]
         meta = {"generator": "explicam synth", "format_version": 1, "seed": seed,
                 "size": size, "num_classes": num_classes, "class_names": names,
-                "n_train": n_train, "n_val": n_val, "habitat_bias": habitat_bias,
-                "quality": quality,
+                "n_train": n_train, "n_val": n_val, "habitat_bias": habitat_bias, "quality": quality,
                 "counts": {s: dict(zip(names, c)) for s, c in counts.items()},
                 "class_textures": CLASS_TEXTURES[:num_classes],
                 "background_styles": BACKGROUND_STYLES, "images": records}
@@ -401,5 +394,5 @@ def generate(out_dir, n_train=1096, n_val=272, size=224, num_classes=10, habitat
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return {"out_dir": out_dir, "n_train": n_train, "n_val": n_val,
-            "classes": list(names), "seconds": round(time.perf_counter() - start, 3)}
+    return {"out_dir": out_dir, "n_train": n_train, "n_val": n_val, "classes": list(names),
+            "seconds": round(time.perf_counter() - start, 3)}

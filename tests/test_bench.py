@@ -1,0 +1,25 @@
+"""`cli.py bench`: one table, every row measured beside the plain forward pass."""
+from tests.conftest import run_cli
+
+
+def test_bench_writes_a_table_with_ratios(onnx_model, tmp_path):
+    out = tmp_path / "bench.md"
+    res = run_cli("bench", "--model", onnx_model, "--batches", "1,2", "--seconds", 0.05,
+                  "--methods", "gradcam,eigencam", "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    table = {(r[0].strip(), r[1].strip(), int(r[2])): (float(r[3]), float(r[4])) for r in rows}
+    for batch in (1, 2):
+        assert table[("forward (onnxruntime)", "-", batch)][1] == 1.0
+        for method in ("gradcam", "eigencam"):
+            for kernels in ("numba", "numpy"):
+                ms, ratio = table[(method, kernels, batch)]
+                assert ms > 0 and ratio > 0
+        # the keras.io recipe runs here because TensorFlow and model.keras are present
+        assert ("keras.io Grad-CAM (TF)", "-", batch) in table
+    assert "onnxruntime: ORT_ENABLE_ALL" in out.read_text() and "Machine:" in out.read_text()
+
+
+def test_bench_refuses_bad_batches(onnx_model):
+    res = run_cli("bench", "--model", onnx_model, "--batches", "one")
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "--batches" in res.stderr
