@@ -158,3 +158,20 @@ def test_bad_export_input_gets_one_line(tmp_path, setup, args, message):
     assert "Traceback" not in res.stderr
     assert message in res.stderr, res.stderr[-1500:]
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+@pytest.mark.parametrize("kernel", [2, 8])
+def test_trained_parity_for_other_kernels(kernel, synth_dir, tmp_path):
+    # A short real training run (not just random weights) for the kernels the seed also used.
+    import keras
+
+    from train.fit import TrainConfig, train
+
+    cfg = TrainConfig(data=str(synth_dir), kernel=kernel, image_size=32, batch_size=32, max_epochs=2, seed=0)
+    train(cfg, run_dir=str(tmp_path / "run"), verbose=0, log=quiet)
+    model = keras.models.load_model(tmp_path / "run" / "model.keras")
+    main, _ = build_onnx(model)
+    x = np.random.default_rng(kernel).random((8, 32, 32, 3), dtype=np.float32)
+    for batch in (x[:1], x):
+        report = compare(model, _session(main), batch)
+        assert not failures(report), report
