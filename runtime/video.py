@@ -73,16 +73,39 @@ def shrink_to_input(image, size: int):
     return cv2.resize(narrow, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, stop: threading.Event):
-    """Explain every frame the capture hands over, in order, until an End comes through."""
+class Workers:
+    """The explain threads of one stream. Each has its own Explainer (its own onnxruntime
+    session): on a small CPU two frames in flight on one thread each keep the cores busier
+    than one frame split over two threads, whose halves wait for each other whenever
+    capture or drawing takes a core. The last thread to finish hands the End on."""
+
+    def __init__(self, count: int):
+        self.left, self.end = count, None
+        self.input_ended = threading.Event()
+        self.lock = threading.Lock()
+
+    def finish(self, outbox: Mailbox) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            outbox.put(self.end or End("stopped"))
+
+
+def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, stop: threading.Event,
+                    group: Workers):
+    """Explain the frames the capture hands over until an End comes through."""
     try:
         while not stop.is_set():
-            item = inbox.get(timeout=0.2)
+            item = inbox.get(timeout=0.05)
             if item is None:
+                if group.input_ended.is_set():  # another thread took the End: nothing more will come
+                    break
                 continue
             if isinstance(item, End):
-                outbox.put(item)
-                return
+                group.end = item
+                group.input_ended.set()
+                break
             index, bgr, small = item
             res = explainer.explain(small, method, target)
             name, prob = res.top_k(1)[0][0]
@@ -90,13 +113,26 @@ def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, 
                 return
     except BaseException as exc:  # re-raised by the main thread
         outbox.put(End("error", str(exc), exc))
+        return
+    group.finish(outbox)
+
+
+def make_explainers(model_path, in_flight: int = 2, kernels: str = "auto", threads: int | None = None) -> list:
+    """`in_flight` Explainers sharing the cores (threads each: all cores / in_flight)."""
+    from runtime.explainer import Explainer
+
+    per = threads or max(1, (os.cpu_count() or 1) // max(1, in_flight))
+    return [Explainer(model_path, kernels=kernels, threads=per, batch_size=1) for _ in range(max(1, in_flight))]
 
 
 def run_stream(source: Source, explainer, method: str = "gradcam", target=None, sinks=(), alpha: float = 0.5,
                colormap: str = "jet", max_frames: int | None = None, labels: bool = True, cap=None,
                lost_after: float = 3.0, first_frame_timeout: float = 10.0, log=None) -> StreamResult:
-    """Explain `source` frame by frame into `sinks` until it ends or is stopped."""
+    """Explain `source` frame by frame into `sinks` until it ends or is stopped.
+    `explainer`: one Explainer, or a list of them for several frames in flight."""
     log = log or (lambda msg: None)
+    explainers = list(explainer) if isinstance(explainer, (list, tuple)) else [explainer]
+    explainer = explainers[0]
     blender = ov.Blender(alpha, colormap)  # colour map and alpha fixed once per stream
     size = explainer.input_size
     explainer.resolve_targets(target, 1)
@@ -105,10 +141,12 @@ def run_stream(source: Source, explainer, method: str = "gradcam", target=None, 
         return cv2.cvtColor(shrink_to_input(bgr, size), cv2.COLOR_BGR2RGB)
 
     capture = Capture(cap if cap is not None else open_capture(source), source, prepare, lost_after)
-    results = Mailbox(2, drop_oldest=False)
+    results = Mailbox(2 * len(explainers), drop_oldest=False)
     stop = threading.Event()
-    worker = threading.Thread(target=_explain_thread, name="explain", daemon=True,
-                              args=(explainer, method, target, capture.frames, results, stop))
+    group = Workers(len(explainers))
+    workers = [threading.Thread(target=_explain_thread, name=f"explain {i}", daemon=True,
+                                args=(e, method, target, capture.frames, results, stop, group))
+               for i, e in enumerate(explainers)]
     result = StreamResult(source.name)
     result.url = next((s.url for s in sinks if isinstance(s, ServeSink)), None)
     meter, t0 = FpsMeter(), time.perf_counter()
@@ -119,7 +157,8 @@ def run_stream(source: Source, explainer, method: str = "gradcam", target=None, 
     cv2.setNumThreads(1)
     try:
         capture.start()
-        worker.start()
+        for worker in workers:
+            worker.start()
         end = _loop(capture, results, sinks, blender, meter, method, target, labels, max_frames, result,
                     first_frame_timeout, lost_after)
         result.reason, result.message = end.reason, end.message
@@ -134,7 +173,8 @@ def run_stream(source: Source, explainer, method: str = "gradcam", target=None, 
             stop.set()
             capture.release()
             results.close()
-            worker.join(timeout=5)
+            for worker in workers:
+                worker.join(timeout=5)
             result.seconds = time.perf_counter() - t0
             result.read, result.dropped = capture.read_count, capture.frames.dropped
             _close_sinks(sinks, result, log)
@@ -148,8 +188,32 @@ def run_stream(source: Source, explainer, method: str = "gradcam", target=None, 
     return result
 
 
+def _in_order(capture):
+    """Frames come back from several explain threads; a file's are put back in order, a
+    live source's are shown as they come and a late one (older than the last shown) is
+    dropped, so the view never steps back in time."""
+    pending, state = {}, {"next": 0, "last": -1}
+
+    def ready(item):
+        index = item[0]
+        if capture.source.live:
+            if index <= state["last"]:
+                capture.frames.dropped += 1
+                return []
+            state["last"] = index
+            return [item]
+        pending[index] = item
+        out = []
+        while state["next"] in pending:
+            out.append(pending.pop(state["next"]))
+            state["next"] += 1
+        return out
+    return ready
+
+
 def _loop(capture, results, sinks, blender, meter, method, target, labels, max_frames, result,
           first_frame_timeout, lost_after) -> End:
+    order = _in_order(capture)
     while True:
         item = results.get(timeout=0.25)
         if item is None:  # nothing yet: is the camera still alive?
@@ -163,19 +227,19 @@ def _loop(capture, results, sinks, blender, meter, method, target, labels, max_f
             continue
         if isinstance(item, End):
             return item
-        _index, bgr, heat, name, prob, target_name = item
-        frame = blender.blend(bgr, heat)
-        fps = meter.tick()
-        if labels:
-            ov.draw_labels(frame, [f"{name} {prob:.1%}",
-                                   f"{method}{' -> ' + target_name if target is not None else ''}  {fps:.1f} FPS"])
-        for sink in sinks:
-            sink.write(frame)
-        result.frames += 1
-        if any(s.stop_requested for s in sinks):
-            return End("stopped", "stopped from the window")
-        if max_frames and result.frames >= max_frames:
-            return End("stopped", f"stopped after --max-frames {max_frames}")
+        for _index, bgr, heat, name, prob, target_name in order(item):
+            frame = blender.blend(bgr, heat)
+            fps = meter.tick()
+            if labels:
+                ov.draw_labels(frame, [f"{name} {prob:.1%}", f"{method}"
+                                       f"{' -> ' + target_name if target is not None else ''}  {fps:.1f} FPS"])
+            for sink in sinks:
+                sink.write(frame)
+            result.frames += 1
+            if any(s.stop_requested for s in sinks):
+                return End("stopped", "stopped from the window")
+            if max_frames and result.frames >= max_frames:
+                return End("stopped", f"stopped after --max-frames {max_frames}")
 
 
 def _close_sinks(sinks, result: StreamResult, log) -> None:
@@ -240,9 +304,10 @@ def make_sinks(source: Source, method: str, show=False, output=None, serve=None,
 
 def explain_stream(source: Source, model=None, method="gradcam", target=None, show=False, output=None,
                    serve=None, host="127.0.0.1", out="out", alpha=0.5, colormap="jet", labels=True,
-                   max_frames=None, kernels="auto", threads=None, explainer=None, log=None) -> StreamResult:
-    """What `cli.py explain --webcam/--video` runs: check everything, then the loop."""
-    from runtime.explainer import Explainer
+                   max_frames=None, kernels="auto", threads=None, explainer=None, in_flight=None,
+                   log=None) -> StreamResult:
+    """What `cli.py explain --webcam/--video` runs: check everything, then the loop.
+    in_flight: frames explained at once [default: 2 on a machine with 2 cores or more]."""
     from runtime.methods import METHODS
     from runtime.model import newest_model
 
@@ -256,8 +321,10 @@ def explain_stream(source: Source, model=None, method="gradcam", target=None, sh
         # a file's recording plays at the original speed; a live one's rate is measured
         sinks = make_sinks(source, method, show, output, serve, host, out, cap.get(cv2.CAP_PROP_FPS), log)
         if explainer is None:
-            explainer = Explainer(model or newest_model(), kernels=kernels, threads=threads, batch_size=1)
-        explainer.resolve_targets(target, 1)  # an unknown --target: said now, not after the first frame
+            in_flight = in_flight or (2 if (os.cpu_count() or 1) >= 2 else 1)
+            explainer = make_explainers(model or newest_model(), in_flight, kernels, threads)
+        first = explainer[0] if isinstance(explainer, list) else explainer
+        first.resolve_targets(target, 1)  # an unknown --target: said now, not after the first frame
         for s in sinks:
             if isinstance(s, ServeSink):
                 log(f"live view: {s.url}  (only / and /stream are served)")

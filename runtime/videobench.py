@@ -19,7 +19,7 @@ import numpy as np
 from runtime.capture import Source
 from runtime.images import resize_rgb
 from runtime.sinks import NullSink, VideoFileSink
-from runtime.video import run_stream
+from runtime.video import make_explainers, run_stream
 
 
 def make_clip(path: str, frames: int, size=(640, 480), fps: float = 30.0) -> str:
@@ -68,7 +68,7 @@ def _forward_fps(explainer, frame_rgb, seconds: float) -> float:
 
 
 def bench_video(model_path, frames: int = 300, method: str = "gradcam", size=(640, 480), kernels: str = "auto",
-                threads: int | None = None, output: bool = False, log=None) -> dict:
+                threads: int | None = None, output: bool = False, in_flight: int = 2, log=None) -> dict:
     """Frames per second through the whole video loop (capture, resize, explain, overlay,
     labels; plus writing an mp4 when output=True) on a generated clip, against the plain
     forward rate measured in the same run (before and after the loop, averaged), and the
@@ -97,7 +97,8 @@ def bench_video(model_path, frames: int = 300, method: str = "gradcam", size=(64
             sinks.append(VideoFileSink(os.path.join(tmp, "out.mp4"), 30.0))
         rss_start = rss_mb()
         log(f"running the loop ({method}) over {frames} frames")
-        res = run_stream(Source(clip, "bench clip", "file"), explainer, method, sinks=sinks)
+        workers = make_explainers(model_path, in_flight, kernels, None) if in_flight > 1 else explainer
+        res = run_stream(Source(clip, "bench clip", "file"), workers, method, sinks=sinks)
         rss_end = rss_mb()
         fwd_after = _forward_fps(explainer, small, seconds)
     forward = (fwd_before + fwd_after) / 2
@@ -105,7 +106,7 @@ def bench_video(model_path, frames: int = 300, method: str = "gradcam", size=(64
     return {
         "model": os.fspath(model_path), "input_size": explainer.input_size, "method": method,
         "frame_size": f"{size[0]}x{size[1]}", "frames": res.frames, "threads": threads or os.cpu_count(),
-        "kernels": explainer.kernels, "with_mp4_output": bool(output),
+        "kernels": explainer.kernels, "with_mp4_output": bool(output), "frames_in_flight": in_flight,
         "forward_fps": round(forward, 1), "loop_fps": round(res.fps, 1), "loop_vs_forward": round(res.fps / forward, 3),
         "forward_fps_before_after": f"{fwd_before:.1f} / {fwd_after:.1f}",
         "rss_start_mb": round(rss_start, 1), "rss_early_mb": round(early, 1), "rss_end_mb": round(rss_end, 1),

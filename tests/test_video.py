@@ -303,3 +303,30 @@ def test_bench_video_reports_loop_and_forward_rates(onnx_model):
     assert res["frames"] == 30 and res["forward_fps"] > 0 and res["loop_fps"] > 0
     assert res["loop_vs_forward"] == pytest.approx(res["loop_fps"] / res["forward_fps"], abs=0.01)
     assert res["rss_start_mb"] > 0 and res["rss_end_mb"] > 0
+
+
+def test_two_frames_in_flight_keep_a_files_order(tmp_path, onnx_model):
+    # Two explain threads finish out of order; a file's frames must still come out in order,
+    # every one of them, each the overlay of its own frame.
+    from runtime.capture import Source
+    from runtime.video import make_explainers
+
+    clip = write_clip(tmp_path / "moving.avi", 25)  # 25 distinct disc positions (the clip wraps at 28)
+    source, _ = read_frames(clip)
+    got = []
+
+    class Collect:
+        stop_requested = False
+
+        def write(self, bgr):
+            got.append(bgr.copy())
+
+        def close(self):
+            pass
+
+    res = run_stream(Source(str(clip), "clip", "file"), make_explainers(onnx_model, 2), "gradcam",
+                     sinks=[Collect()], labels=False)
+    assert res.frames == len(got) == 25
+    for i, frame in enumerate(got):  # the moving disc: frame i is nearest to source frame i
+        dist = [np.abs(frame.astype(int) - s.astype(int)).mean() for s in source]
+        assert int(np.argmin(dist)) == i
