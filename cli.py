@@ -159,7 +159,8 @@ def export(kernel, run_dir, model_path, layer, out, int8, samples):
               help="Address --serve listens on; 0.0.0.0 to watch from other machines.")
 @click.option("--realtime", is_flag=True, help="Video file: play at its own speed, dropping frames like a camera.")
 @click.option("--max-frames", type=int, default=None, help="Video: stop after this many frames.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads [default: all cores; video: half each, two frames in flight].")
 @friendly
 def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
             batch_size, webcam, video, show, output, serve, host, realtime, max_frames, threads):
