@@ -27,3 +27,13 @@ def test_blocking_really_blocks():
     # The guard above would pass vacuously if the block did not work; prove it does.
     res = subprocess.run([sys.executable, "-c", BLOCK + "import tensorflow"], capture_output=True, text=True)
     assert res.returncode != 0 and "import of tensorflow halted" in res.stderr
+
+
+def test_training_on_an_edge_install_says_what_to_install(tmp_path):
+    code = BLOCK + ("import runpy\n"
+                    f"sys.argv = ['cli.py', 'train', '--data', {str(tmp_path)!r}]\n"
+                    "runpy.run_path('cli.py', run_name='__main__')\n")
+    (tmp_path / "training" / "a").mkdir(parents=True)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "needs TensorFlow" in res.stderr and "[train]" in res.stderr

@@ -6,7 +6,7 @@ import sys
 def quiet_tensorflow():
     """Import TensorFlow with its start-up log lines (written straight to fd 2 by C++,
     before any Python setting applies) kept off the terminal; shown if the import fails."""
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:
         return
     import tempfile
 
@@ -17,6 +17,10 @@ def quiet_tensorflow():
             import tensorflow as tf
 
             tf.config.list_physical_devices()  # the CUDA probe logs too, on machines without a GPU
+        except ModuleNotFoundError:
+            # an edge install: the runtime without the `train` extra
+            raise RuntimeError("this command needs TensorFlow, which edge installs leave out: "
+                               "pip install '.[train]' (or 'explicam[train]')") from None
         except BaseException:
             os.dup2(saved, 2)
             sink.seek(0)
