@@ -226,9 +226,11 @@ def stream_summary(res) -> str:
               help="Time on these images (a folder, e.g. data/synth/validation) [default: generated blobs].")
 @click.option("--out", default=None, help="Also write the table as Markdown to this file.")
 @click.option("--video", is_flag=True, help="Measure the whole video loop (frames/s) against the forward rate.")
-@click.option("--frames", default=300, show_default=True, help="Frames for --video.")
+@click.option("--frames", default=3000, show_default=True, help="Frames for --video, over all rounds.")
+@click.option("--rounds", default=3, show_default=True,
+              help="--video: loop and forward pass take turns this many times; the median ratio is reported.")
 @friendly
-def bench(model_path, methods, batches, threads, seconds, images_dir, out, video, frames):
+def bench(model_path, methods, batches, threads, seconds, images_dir, out, video, frames, rounds):
     """Milliseconds per image of every method vs the plain forward pass, in one run."""
     from runtime.model import newest_model
 
@@ -236,7 +238,9 @@ def bench(model_path, methods, batches, threads, seconds, images_dir, out, video
     if video:
         from runtime.video import bench_video
 
-        result = bench_video(model_path, frames=frames)
+        if frames < 1 or rounds < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--frames" if frames < 1 else "--rounds")
+        result = bench_video(model_path, frames=frames, rounds=rounds, log=click.echo)
         for key, value in result.items():
             click.echo(f"{key:28s} {value}")
         return

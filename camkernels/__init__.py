@@ -23,12 +23,13 @@ import types
 
 import numpy as np
 
+from camkernels import frames as _frames
 from camkernels import kernels as _k
 
 __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
     "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
-    "upsample_bilinear", "masked_inputs",
+    "upsample_bilinear", "masked_inputs", "shrink_area",
 ]
 
 BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
@@ -64,6 +65,7 @@ def _build(backend):
     impl = {name: getattr(_k, f"{name}_{'nb' if nb else 'np'}") for name in (
         "channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
         "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs")}
+    impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
 
     def channel_mean(grads):
         """(N, h, w, C) -> (N, C): mean over pixels (Grad-CAM weights)."""
@@ -137,11 +139,26 @@ def _build(backend):
             raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}")
         return impl["masked_inputs"](img, m, out)
 
+    def shrink_area(image, out_h, out_w=None, swap_rb=False):
+        """(H, W, ch) uint8 -> (out_h, out_w, ch) uint8 by area averaging, the pixels of
+        cv2.resize(..., interpolation=cv2.INTER_AREA) to one level; swap_rb reverses the
+        channel order in the same pass (BGR frame -> RGB model input). Shrinking only."""
+        img = np.ascontiguousarray(image)
+        if img.dtype != np.uint8 or img.ndim != 3:
+            raise ValueError(f"image must be (H, W, ch) uint8, got {img.dtype} {img.shape}")
+        out_h = _size(out_h, "out_h")
+        out_w = out_h if out_w is None else _size(out_w, "out_w")
+        if out_h > img.shape[0] or out_w > img.shape[1]:
+            raise ValueError(f"shrink_area only shrinks: {img.shape[:2]} -> {(out_h, out_w)}")
+        return impl["shrink_area"](img, *_frames.area_table(img.shape[0], out_h),
+                                   *_frames.area_table(img.shape[1], out_w), bool(swap_rb))
+
     return types.SimpleNamespace(
         backend=backend, channel_mean=channel_mean, weighted_sum=weighted_sum,
         gradcampp_weights=gradcampp_weights, xgradcam_weights=xgradcam_weights,
         grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
-        upsample_bilinear=upsample_bilinear, masked_inputs=masked_inputs)
+        upsample_bilinear=upsample_bilinear, masked_inputs=masked_inputs,
+        shrink_area=shrink_area)
 
 
 _NAMESPACES: dict[str, types.SimpleNamespace] = {}
@@ -175,6 +192,7 @@ def warmup(ns=None) -> None:
     ns.grad_product_sum(a, g, True)
     m = ns.relu(ns.normalize_minmax(ns.upsample_bilinear(a[..., 0], 5, 4)))
     ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
+    ns.shrink_area(np.zeros((7, 9, 3), np.uint8), 3, 4, True)
 
 
 _auto = get()
@@ -187,3 +205,4 @@ relu = _auto.relu
 normalize_minmax = _auto.normalize_minmax
 upsample_bilinear = _auto.upsample_bilinear
 masked_inputs = _auto.masked_inputs
+shrink_area = _auto.shrink_area

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from export.onnx import (ExportError, build_onnx, head_path_for, load_keras_model, make_metadata, set_metadata,
-                         write_atomic)
+from export.onnx import (ExportError, build_onnx, classifier_only, forward_path_for, head_path_for,
+                         load_keras_model, make_metadata, set_metadata, write_atomic)
 
 
 def resolve_model_path(kernel: int = 4, run_dir: str | None = None, model: str | None = None) -> str:
@@ -47,7 +47,7 @@ def sample_images(summary: dict, size: int, count: int = 8, split: str = "val"):
     return x.astype(np.float32) / 255.0 if len(x) else None
 
 
-def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str) -> dict:
+def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str, forward_bytes: bytes = b"") -> dict:
     import onnxruntime as ort
 
     from export.parity import compare, keras_features_logits_grads
@@ -59,6 +59,11 @@ def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str
     feats, logits, _ = keras_features_logits_grads(model, layer, images, 0)
     head_logits = head.run(["logits"], {"features": feats})[0]
     report["head_logits"] = float(np.abs(head_logits - logits).max())
+    if forward_bytes:  # the pruned classifier: the same nodes, so the same probabilities
+        forward = ort.InferenceSession(forward_bytes, opts, providers=["CPUExecutionProvider"])
+        x = np.asarray(images, np.float32)
+        probs = session.run(["probabilities"], {"image": x, "target": np.full(len(x), -1, np.int64)})[0]
+        report["forward_probabilities"] = float(np.abs(forward.run(["probabilities"], {"image": x})[0] - probs).max())
     return report
 
 
@@ -77,10 +82,12 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     model = load_keras_model(model_path)
     log(f"converting {model_path} (feature layer {layer}) ...")
     main, head = build_onnx(model, layer)
-    meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)))
+    meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)),
+                         os.path.basename(forward_path_for(out)))
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()
+    forward_bytes = classifier_only(main).SerializeToString()
 
     size = int(model.input_shape[1])
     images = sample_images(summary, size, samples)
@@ -88,7 +95,7 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     if images is None:
         images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
         source = "random images (the run's dataset was not found)"
-    report = check_parity(model, main_bytes, head_bytes, images, layer)
+    report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes)
     log(f"parity on {len(images)} {source}, every class: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     bad = failures(report)
     if bad:
@@ -96,9 +103,11 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
 
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     write_atomic(head_bytes, head_path_for(out))
-    write_atomic(main_bytes, out)
-    result = {"onnx": out, "head": head_path_for(out), "parity": report, "metadata": meta}
-    log(f"wrote {out} and {head_path_for(out)}")
+    write_atomic(forward_bytes, forward_path_for(out))
+    write_atomic(main_bytes, out)  # last: a model.onnx never names files that are not there yet
+    result = {"onnx": out, "head": head_path_for(out), "forward": forward_path_for(out), "parity": report,
+              "metadata": meta}
+    log(f"wrote {out}, {head_path_for(out)} and {forward_path_for(out)}")
     if int8:
         from export.quantize import quantize_model
 

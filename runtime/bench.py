@@ -43,7 +43,13 @@ def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds:
 
 def plain_forward_session(model_path: str, threads: int | None):
     """The classifier alone (image -> logits, probabilities): the baseline every method is
-    compared with. Pruned with onnx when installed; else the full graph, said so."""
+    compared with. The export's model.forward.onnx where it exists; else the main graph
+    pruned with onnx when installed; else the full graph, said so."""
+    from runtime.model import OnnxModel
+
+    model = OnnxModel(model_path, threads)
+    if model.forward_session() is not None:
+        return model.forward_session(), "pruned graph (model.forward.onnx)"
     try:
         import onnx
         from onnx.utils import Extractor
@@ -64,9 +70,12 @@ def _keras_baseline(model_path: str):
     if not os.path.exists(keras_path):
         return None
     try:
+        from train import quiet_tensorflow
+
+        quiet_tensorflow()  # TensorFlow's C++ start-up lines would land in the middle of the table
         from export.parity import keras_gradcam_batch
         return keras_gradcam_batch(keras_path)
-    except ImportError:
+    except (ImportError, RuntimeError):  # RuntimeError: an edge install without TensorFlow
         return None
 
 

