@@ -15,8 +15,9 @@ model.forward.onnx
   inputs, the benchmark's plain forward pass). Optional: without it the runtime runs the
   main graph, 5-9% slower for those calls.
 metadata_props: class names, input size, layout, value range, kernel, head, feature
-layer, the names of the two side files, version and the training summary: the runtime
-guesses nothing.
+layer, the names of the two side files, an export_id the three files share (a side file
+from another export is not used), version and the training summary: the runtime guesses
+nothing.
 
 All files are written under a temporary name and renamed only after the parity check
 against Keras passed, so a failed export leaves no model.onnx behind.
@@ -168,7 +169,9 @@ def classifier_only(main):
     from onnx.utils import Extractor
 
     pruned = Extractor(main).extract_model(["image"], ["logits", "probabilities"])
-    set_metadata(pruned, {"role": "forward", "of": "the classifier of the main graph, no gradients"})
+    export_id = {p.key: p.value for p in main.metadata_props}.get("export_id", "")
+    set_metadata(pruned, {"role": "forward", "of": "the classifier of the main graph, no gradients",
+                          "export_id": export_id})
     return pruned
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import numpy as np
 
@@ -84,6 +85,7 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     main, head = build_onnx(model, layer)
     meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)),
                          os.path.basename(forward_path_for(out)))
+    meta["export_id"] = uuid.uuid4().hex  # ties the three files together (runtime/model.py checks it)
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()

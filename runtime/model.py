@@ -54,6 +54,7 @@ class OnnxModel:
         self.threads = threads
         self.session = _session(self.path, threads)
         raw = self.session.get_modelmeta().custom_metadata_map
+        self.export_id = raw.get("export_id")  # shared by the files of one export (None: older exports)
         missing = [k for k in REQUIRED_META if k not in raw]
         if missing:
             raise ModelError(f"{self.path}: not an explicam export (metadata {', '.join(missing)} missing); "
@@ -115,13 +116,25 @@ class OnnxModel:
         values = self.session.run(names, {self.input_name: x, "target": np.asarray(targets, np.int64)})
         return dict(zip(names, values))
 
+    def _side_file(self, name: str):
+        """A session of a file written beside model.onnx by the same export, else None.
+        A side file left over from another export (model.onnx copied over on its own)
+        carries another export_id: it would give another model's numbers."""
+        path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        if not os.path.isfile(path):
+            return None
+        session = _session(path, self.threads)
+        if session.get_modelmeta().custom_metadata_map.get("export_id") != self.export_id:
+            return None
+        return session
+
     def forward_session(self):
         """A session of model.forward.onnx (the classifier without the gradient subgraph),
-        or None when the export has none (INT8 files, older exports) or it was not copied."""
+        or None when the export has none (INT8 files, older exports), it was not copied, or
+        it belongs to another export: the main graph then answers, a little slower."""
         if self._forward is None:
             name = self.meta.get("forward_file")
-            path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name) if name else ""
-            self._forward = _session(path, self.threads) if path and os.path.isfile(path) else False
+            self._forward = (self._side_file(name) if name else None) or False
         return self._forward or None
 
     def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -144,7 +157,14 @@ class OnnxModel:
             head_file = self.meta.get("head_file")
             if not head_file:
                 raise ModelError(f"{self.path}: no head graph recorded in the metadata; re-export the model")
-            self._head = _session(os.path.join(os.path.dirname(os.path.abspath(self.path)), head_file), self.threads)
+            path = os.path.join(os.path.dirname(os.path.abspath(self.path)), head_file)
+            if not os.path.isfile(path):
+                raise ModelError(f"{path}: no such file; Ablation-CAM re-runs the head graph written beside "
+                                 f"{os.path.basename(self.path)}: copy it too, or re-export")
+            self._head = self._side_file(head_file)
+            if self._head is None:
+                raise ModelError(f"{path}: belongs to another export than {self.path} (export_id differs); "
+                                 "copy the files of one export together, or re-export")
         return self._head.run(["logits"], {"features": np.ascontiguousarray(features, np.float32)})[0]
 
 

@@ -110,6 +110,27 @@ def test_probabilities_use_the_pruned_classifier_and_work_without_it(onnx_model,
     np.testing.assert_allclose(alone.probabilities(x, batch_size=2), full, atol=1e-7)
 
 
+def test_side_files_of_another_export_are_not_used(onnx_model, onnx_gap_model, tmp_path):
+    import shutil
+
+    from runtime.model import ModelError, OnnxModel
+
+    # the gap model's model.onnx copied over on its own, beside the flatten model's side files
+    for name in ("model.head.onnx", "model.forward.onnx"):
+        shutil.copy(onnx_model.parent / name, tmp_path / name)
+    shutil.copy(onnx_gap_model, tmp_path / "model.onnx")
+    mixed = OnnxModel(tmp_path / "model.onnx")
+    assert mixed.export_id and mixed.export_id != OnnxModel(onnx_model).export_id
+    x = np.random.default_rng(4).random((3, SIZE, SIZE, 3), dtype=np.float32)
+    assert mixed.forward_session() is None  # the main graph answers: the gap model's own numbers
+    np.testing.assert_allclose(mixed.probabilities(x), OnnxModel(onnx_gap_model).probabilities(x), atol=1e-7)
+    with pytest.raises(ModelError, match="another export"):
+        mixed.head(np.zeros((1,) + mixed.feature_shape, np.float32))
+    (tmp_path / "model.head.onnx").unlink()
+    with pytest.raises(ModelError, match="model.head.onnx: no such file"):
+        OnnxModel(tmp_path / "model.onnx").head(np.zeros((1,) + mixed.feature_shape, np.float32))
+
+
 def test_onnx_gradcam_equals_keras_tutorial_after_normalisation(trained_run, onnx_model, val_images):
     import cv2
     import keras
