@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 from runtime import __version__
 

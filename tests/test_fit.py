@@ -42,7 +42,6 @@ def test_short_training_learns_the_builtin_dataset(trained_run):
 
 def test_best_model_on_disk_is_the_best_epoch(trained_run):
     import keras
-    import numpy as np
 
     from train.data import find_dataset, load_images
 
