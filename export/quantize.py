@@ -243,7 +243,7 @@ def quantize_model(onnx_path: str, summary: dict, log=print, calib_images: int =
     # Ablation-CAM re-runs the head alone; the INT8 file reuses the FP32 head graph.
     head = os.path.relpath(os.path.abspath(head_path_for(onnx_path)), out_dir)
     data = quantize_to_bytes(onnx_path, calib.astype(np.float32) / 255.0,
-                             {"quantization": DESCRIPTION, "head_file": head, "forward_file": ""})
+                             {"quantization": DESCRIPTION, "head_file": head, "forward_file": "", "blocks_file": ""})
     os.makedirs(out_dir, exist_ok=True)
     tmp = out + ".partial"
     try:

@@ -7,8 +7,9 @@ import uuid
 
 import numpy as np
 
-from export.onnx import (ExportError, build_onnx, classifier_only, forward_path_for, head_path_for,
-                         load_keras_model, make_metadata, set_metadata, write_atomic)
+from export.blocks import build_blocks
+from export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
+                         head_path_for, load_keras_model, make_metadata, set_metadata, write_atomic)
 
 
 def resolve_model_path(kernel: int = 4, run_dir: str | None = None, model: str | None = None) -> str:
@@ -48,7 +49,8 @@ def sample_images(summary: dict, size: int, count: int = 8, split: str = "val"):
     return x.astype(np.float32) / 255.0 if len(x) else None
 
 
-def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str, forward_bytes: bytes = b"") -> dict:
+def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str, forward_bytes: bytes = b"",
+                 blocks_bytes: bytes = b"", blocks: dict | None = None) -> dict:
     import onnxruntime as ort
 
     from export.parity import compare, keras_features_logits_grads
@@ -65,7 +67,33 @@ def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str
         x = np.asarray(images, np.float32)
         probs = session.run(["probabilities"], {"image": x, "target": np.full(len(x), -1, np.int64)})[0]
         report["forward_probabilities"] = float(np.abs(forward.run(["probabilities"], {"image": x})[0] - probs).max())
+    if blocks_bytes:  # masked images run block by block, only where the mask reaches
+        report["blocks_features"] = _blocks_parity(session, head, blocks_bytes, blocks, images)
     return report
+
+
+def _blocks_parity(session, head, blocks_bytes: bytes, blocks: dict, images) -> float:
+    """Largest difference between the conv4 maps of MaskedForward and of the main graph,
+    each image under a full mask and under smooth masks zero over part of the image (conv4
+    rather than probabilities: a confident model's probabilities hide small errors)."""
+    import onnxruntime as ort
+
+    from runtime.masked import MaskedForward
+
+    x = np.asarray(images, np.float32)
+    size = x.shape[1]
+    masked = MaskedForward(ort.InferenceSession(blocks_bytes, providers=["CPUExecutionProvider"]), head, blocks,
+                           size, workers=1)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    masks = np.stack([np.ones((size, size)), np.maximum(0, 0.5 - np.hypot(yy - 0.3, xx - 0.6)),
+                      np.where(xx < 0.2, 1 - yy, 0), np.maximum(0, yy - 0.9) * xx]).astype(np.float32)
+    worst = 0.0
+    for image in x:
+        inputs = image[None] * masks[..., None]
+        want = session.run(["features"], {"image": inputs, "target": np.full(len(masks), -1, np.int64)})[0]
+        got = np.stack([masked.features(image.transpose(2, 0, 1), m)[0].transpose(1, 2, 0) for m in masks])
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
 
 
 def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | None = None,
@@ -83,13 +111,18 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     model = load_keras_model(model_path)
     log(f"converting {model_path} (feature layer {layer}) ...")
     main, head = build_onnx(model, layer)
+    blocks, geometry = build_blocks(model, layer)
     meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)),
-                         os.path.basename(forward_path_for(out)))
-    meta["export_id"] = uuid.uuid4().hex  # ties the three files together (runtime/model.py checks it)
+                         os.path.basename(forward_path_for(out)), os.path.basename(blocks_path_for(out)), geometry)
+    meta["export_id"] = uuid.uuid4().hex  # ties the files together (runtime/model.py checks it)
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()
     forward_bytes = classifier_only(main).SerializeToString()
+    blocks_bytes = b""
+    if blocks is not None:
+        set_metadata(blocks, {"role": "blocks", "export_id": meta["export_id"], "blocks": geometry})
+        blocks_bytes = blocks.SerializeToString()
 
     size = int(model.input_shape[1])
     images = sample_images(summary, size, samples)
@@ -97,7 +130,7 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     if images is None:
         images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
         source = "random images (the run's dataset was not found)"
-    report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes)
+    report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes, blocks_bytes, geometry)
     log(f"parity on {len(images)} {source}, every class: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     bad = failures(report)
     if bad:
@@ -106,10 +139,14 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     write_atomic(head_bytes, head_path_for(out))
     write_atomic(forward_bytes, forward_path_for(out))
+    written = [head_path_for(out), forward_path_for(out)]
+    if blocks_bytes:
+        write_atomic(blocks_bytes, blocks_path_for(out))
+        written.append(blocks_path_for(out))
     write_atomic(main_bytes, out)  # last: a model.onnx never names files that are not there yet
-    result = {"onnx": out, "head": head_path_for(out), "forward": forward_path_for(out), "parity": report,
-              "metadata": meta}
-    log(f"wrote {out}, {head_path_for(out)} and {forward_path_for(out)}")
+    result = {"onnx": out, "head": head_path_for(out), "forward": forward_path_for(out),
+              "blocks": blocks_path_for(out) if blocks_bytes else None, "parity": report, "metadata": meta}
+    log(f"wrote {out}, " + ", ".join(written[:-1]) + f" and {written[-1]}")
     if int8:
         from export.quantize import quantize_model
 

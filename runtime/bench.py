@@ -132,10 +132,17 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         for (name, kernels), value in ms.items():
             add(name, kernels, batch, value, fwd)
         for method in [m for m in methods if m in SLOW]:  # a few rounds, each beside its own forward pass
-            slow = {"forward": forward, **{k: (lambda e=e, m=method: e.explain(x_u8, m)) for k, e in ex.items()}}
+            # ten forward calls per round: one call beside a half-second explanation is too noisy
+            slow = {"forward": lambda: [forward() for _ in range(10)],
+                    **{k: (lambda e=e, m=method: e.explain(x_u8, m)) for k, e in ex.items()}}
+            if method == "scorecam" and model.masked_forward() is not None:  # before/after receptive-field crops
+                slow["whole"] = lambda m=method: ex["numba"].explain(x_u8, m, scorecam_crop=False)
             ms = _interleaved(slow, batch, 0.0, min_rounds=3 if batch <= 4 else 1)
+            ms["forward"] /= 10
             for kernels in ex:
                 add(method, kernels, batch, ms[kernels], ms["forward"])
+            if "whole" in ms:
+                add(f"{method}, whole images", "numba", batch, ms["whole"], ms["forward"])
         if keras_gradcam is not None:  # apart: TensorFlow's idle threads would slow the onnxruntime rows
             ms = _interleaved({"forward": forward, "keras": lambda: keras_gradcam(x)}, batch, min_seconds)
             add("keras.io Grad-CAM (TF)", "-", batch, ms["keras"], ms["forward"])
@@ -143,6 +150,12 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning off",
                 "machine": machine()}
+    masked = model.masked_forward()
+    if masked is not None:
+        settings["scorecam"] = (f"masked images run only where each mask reaches (model.blocks.onnx), "
+                                f"{masked.workers} one-thread pipelines")
+        if masked.work[1]:
+            settings["scorecam"] += f", {masked.work_fraction:.0%} of the convolution work of whole images"
     return {"rows": rows, "settings": settings}
 
 
@@ -152,5 +165,6 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['kernels']} | {r['batch']} | {r['ms_per_image']:.2f} | {r['ratio']:.2f} |")
     s = result["settings"]
     lines += ["", f"Model: {s['model']} (kernel {s['kernel']}, {s['input_size']}x{s['input_size']}); "
-              f"plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}.", f"Machine: {s['machine']}."]
+              f"plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}"
+              + (f"; Score-CAM: {s['scorecam']}" if "scorecam" in s else "") + ".", f"Machine: {s['machine']}."]
     return "\n".join(lines)

@@ -78,6 +78,7 @@ class OnnxModel:
         self.input_name = meta.get("input_name", "image")
         self._head = None
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
+        self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
 
     @property
     def num_classes(self) -> int:
@@ -116,14 +117,14 @@ class OnnxModel:
         values = self.session.run(names, {self.input_name: x, "target": np.asarray(targets, np.int64)})
         return dict(zip(names, values))
 
-    def _side_file(self, name: str):
+    def _side_file(self, name: str, threads: int | None = None):
         """A session of a file written beside model.onnx by the same export, else None.
         A side file left over from another export (model.onnx copied over on its own)
         carries another export_id: it would give another model's numbers."""
         path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
         if not os.path.isfile(path):
             return None
-        session = _session(path, self.threads)
+        session = _session(path, threads or self.threads)
         if session.get_modelmeta().custom_metadata_map.get("export_id") != self.export_id:
             return None
         return session
@@ -136,6 +137,20 @@ class OnnxModel:
             name = self.meta.get("forward_file")
             self._forward = (self._side_file(name) if name else None) or False
         return self._forward or None
+
+    def masked_forward(self):
+        """A MaskedForward (Score-CAM's masked inputs, run only where each mask reaches) over
+        model.blocks.onnx and model.head.onnx, or None when the export has no blocks file
+        (INT8 files, another body than the seed's, older exports) or one of the two is
+        missing or from another export: Score-CAM then runs whole masked images."""
+        if self._masked is None:
+            from runtime.masked import MaskedForward
+
+            name, geometry = self.meta.get("blocks_file"), self.meta.get("blocks")
+            blocks = self._side_file(name, threads=1) if name and geometry else None
+            head = self._side_file(self.meta.get("head_file") or "", threads=1) if blocks else None
+            self._masked = MaskedForward(blocks, head, geometry, self.input_size, self.threads) if head else False
+        return self._masked or None
 
     def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Class probabilities for many preprocessed inputs (perturbation methods and metrics).

@@ -23,3 +23,17 @@ def test_bench_writes_a_table_with_ratios(onnx_model, tmp_path):
 def test_bench_refuses_bad_batches(onnx_model):
     res = run_cli("bench", "--model", onnx_model, "--batches", "one")
     assert res.returncode != 0 and "Traceback" not in res.stderr and "--batches" in res.stderr
+
+
+def test_bench_times_scorecam_with_and_without_crops(onnx_model, tmp_path):
+    out = tmp_path / "bench.md"
+    res = run_cli("bench", "--model", onnx_model, "--batches", "1", "--seconds", 0.05, "--methods", "scorecam",
+                  "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = out.read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): float(line.split("|")[5])
+            for line in text.splitlines() if line.startswith("| scorecam")}
+    assert set(rows) == {("scorecam", "numba"), ("scorecam", "numpy"), ("scorecam, whole images", "numba")}
+    assert all(r > 1 for r in rows.values())  # many forward passes' worth, either way
+    assert "Score-CAM: masked images run only where each mask reaches" in text
+    assert "of the convolution work of whole images" in text

@@ -74,6 +74,7 @@ def test_file_is_qdq_per_channel_and_keeps_outputs_and_metadata(quantized):
     assert meta.pop("quantization").startswith("int8 static QDQ per-channel")
     # the pruned classifier beside model.onnx is FP32: the INT8 file names none (it runs its own graph)
     assert ref_meta.pop("forward_file") == "model.forward.onnx" and meta.pop("forward_file") == ""
+    assert ref_meta.pop("blocks_file") == "model.blocks.onnx" and meta.pop("blocks_file") == ""
     assert meta == ref_meta
 
 
