@@ -149,7 +149,9 @@ class OnnxModel:
             name, geometry = self.meta.get("blocks_file"), self.meta.get("blocks")
             blocks = self._side_file(name, threads=1) if name and geometry else None
             head = self._side_file(self.meta.get("head_file") or "", threads=1) if blocks else None
-            self._masked = MaskedForward(blocks, head, geometry, self.input_size, self.threads) if head else False
+            forward = self._side_file(self.meta.get("forward_file") or "", threads=1) if head else None
+            self._masked = (MaskedForward(blocks, head, geometry, self.input_size, self.threads, forward,
+                                          self.input_name) if head else False)
         return self._masked or None
 
     def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:

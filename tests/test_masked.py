@@ -126,7 +126,11 @@ def test_the_export_writes_and_the_runtime_uses_the_blocks(onnx_model, val_image
     live = acts.max(axis=(1, 2)) > acts.min(axis=(1, 2))
     masks = camkernels.normalize_minmax(camkernels.upsample_bilinear(acts[live], SIZE, SIZE))
     want = model.probabilities(camkernels.masked_inputs(x[0], masks))
-    np.testing.assert_allclose(masked.probabilities(x[0], masks), want, atol=1e-5)
+    assert masked.forward is not None  # masks that reach nearly everything run whole through it
+    for whole_above in (0.0, 0.8, 2.0):  # always whole, the default, never whole
+        masked.whole_above, masked.work = whole_above, [0.0, 0.0]
+        np.testing.assert_allclose(masked.probabilities(x[0], masks), want, atol=1e-5)
+        assert (masked.work_fraction == 1.0) == (whole_above == 0.0), (whole_above, masked.work_fraction)
 
 
 def test_scorecam_without_or_with_a_foreign_blocks_file(onnx_model, onnx_gap_model, val_images, tmp_path):
