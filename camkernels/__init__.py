@@ -1,6 +1,6 @@
 """Per-pixel kernels for class activation maps, jitted with numba, with a numpy fallback.
 
-    import camkernels as ck
+    from explicam import camkernels as ck
     ck.warmup()                                   # compile now, not on the first frame
     w = ck.channel_mean(grads)                    # Grad-CAM weights (N, C)
     cam = ck.relu(ck.weighted_sum(acts, w))       # (N, h, w)
@@ -23,8 +23,8 @@ import types
 
 import numpy as np
 
-from camkernels import frames as _frames
-from camkernels import kernels as _k
+from explicam.camkernels import frames as _frames
+from explicam.camkernels import kernels as _k
 
 __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",

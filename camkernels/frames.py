@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from camkernels.kernels import _jit
+from explicam.camkernels.kernels import _jit
 
 
 @functools.lru_cache(maxsize=32)

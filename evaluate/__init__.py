@@ -1,6 +1,6 @@
 """Measuring explanations: faithfulness, localisation, sanity; the kernel-size sweep and its report.
 
-    from evaluate import run_evaluation, EvalConfig, run_report
+    from explicam.evaluate import run_evaluation, EvalConfig, run_report
     run_evaluation("runs/k4/model.onnx", "data/synth", EvalConfig(methods=["gradcam"]))
     run_report("data/synth", ["runs/k4"], out="report", methods=["gradcam", "gradcam++"], limit=100)
 

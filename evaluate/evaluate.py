@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from evaluate import metrics as M
-from evaluate.inputs import first_per_class, habitat_groups, load_eval_set
-from evaluate.sanity import compare_maps
+from explicam.evaluate import metrics as M
+from explicam.evaluate.inputs import first_per_class, habitat_groups, load_eval_set
+from explicam.evaluate.sanity import compare_maps
 
 RANDOM = "random"
 COLUMNS = ("method", "images", "avg_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
@@ -72,7 +72,7 @@ class Ticker:
 
 
 def default_methods(head_kind: str) -> list:
-    from runtime.methods import METHODS
+    from explicam.runtime.methods import METHODS
 
     return [m for m in METHODS if m != "cam" or head_kind == "gap"]
 
@@ -174,7 +174,7 @@ def _habitat(groups, per_method, correct) -> dict | None:
 
 
 def _sanity(model_path, model, x, targets, kept, methods, cfg, log) -> dict:
-    from evaluate.sanity import SanitySkipped, randomisation_test
+    from explicam.evaluate.sanity import SanitySkipped, randomisation_test
 
     if cfg.sanity_images <= 0:
         return {"skipped": "turned off (--sanity-images 0)"}
@@ -200,7 +200,7 @@ def _log_estimate(rate, n, methods, model, cfg, log) -> None:
 def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, out: str | None = None,
                    log=print) -> dict:
     """Evaluate every method of `cfg` on the validation split; write the files; return the results."""
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     cfg = cfg or EvalConfig()
     if cfg.steps < 2 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):

@@ -7,7 +7,7 @@ import html
 import cv2
 import numpy as np
 
-from runtime.overlay import grid, overlay
+from explicam.runtime.overlay import grid, overlay
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from runtime.images import ImageError, read_image, resize_rgb
-from train.data import find_dataset
+from explicam.runtime.images import ImageError, read_image, resize_rgb
+from explicam.train.data import find_dataset
 
 BOX_COLUMNS = ("image", "x_min", "y_min", "x_max", "y_max")
 

@@ -243,7 +243,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def random_heatmaps(n: int, feature_hw, size: int, seed: int = 0, k=None) -> np.ndarray:
     """Chance maps shaped like CAMs: uniform noise at the feature map's resolution,
     upsampled bilinearly to the input and min-max normalised (what every method does)."""
-    import camkernels
+    from explicam import camkernels
 
     k = k or camkernels.get()
     h, w = feature_hw
@@ -255,7 +255,7 @@ def mask_at_cam_resolution(masks: np.ndarray, feature_hw, k=None) -> np.ndarray:
     """The ground-truth masks as the best possible CAM: averaged down to the feature map's
     h x w cells, then upsampled and normalised like every CAM. Its energy share is the
     ceiling a map of that resolution can reach (the chance share is the floor)."""
-    import camkernels
+    from explicam import camkernels
 
     k = k or camkernels.get()
     h, w = feature_hw

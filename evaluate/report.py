@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from evaluate import figures
-from runtime.overlay import save_png
+from explicam.evaluate import figures
+from explicam.runtime.overlay import save_png
 
 FILTERS = (16, 32, 64, 128, 256)
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}

@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from evaluate.metrics import spearman
+from explicam.evaluate.metrics import spearman
 
 STAGES = ("logits", "conv4", "conv3", "conv2", "conv1", "conv0")  # top layer first
 FLAG_RHO = 0.5  # mean Spearman rho after the full cascade at or above this: flagged
@@ -62,7 +62,7 @@ def randomised_models(onnx_path: str, meta: dict, seed: int = 0):
     try:
         import keras  # noqa: F401  (TensorFlow is needed only here)
 
-        from export.onnx import build_onnx, load_keras_model, set_metadata, write_atomic
+        from explicam.export.onnx import build_onnx, load_keras_model, set_metadata, write_atomic
     except ImportError as exc:
         raise SanitySkipped(f"TensorFlow is not installed ({exc.name}); install the [train] extra") from None
     trained = load_keras_model(keras_path)
@@ -97,7 +97,7 @@ def randomisation_test(onnx_path: str, meta: dict, x: np.ndarray, targets: np.nd
     """Run the cascade; `trained` = {method: heatmaps (n, S, S)} of the trained model for
     the preprocessed images x and classes `targets`. Returns
     {"stages": [...], "methods": {m: {"rho": [...], "constant": [...], "final_rho", "flagged"}}}."""
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     methods = list(trained)
     out = {"stages": [], "images": int(len(x)), "flag_rho": FLAG_RHO,

@@ -12,7 +12,7 @@ prints the time left for the whole sweep, estimated from the measured seconds pe
 scaled by each kernel's multiply-accumulates (~K^2): an upper bound, since early
 stopping usually ends runs sooner.
 
-    from evaluate.sweep import run_report
+    from explicam.evaluate.sweep import run_report
     run_report("data/synth", ["runs/k4"], out="report", methods=["gradcam", "gradcam++", "layercam"], limit=60)
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import sys
 import threading
 import time
 
-from evaluate.evaluate import EvalConfig, run_evaluation
-from evaluate.report import load_examples, write_report
+from explicam.evaluate.evaluate import EvalConfig, run_evaluation
+from explicam.evaluate.report import load_examples, write_report
 
 CHANNELS = (3, 16, 32, 64, 128, 256)
 
@@ -50,7 +50,7 @@ def run_state(run_dir: str) -> dict | None:
 
 def is_complete(run_dir: str, cfg) -> bool:
     """A finished run with these settings (summary.json written, same fingerprint)."""
-    from train.fit import TrainConfig
+    from explicam.train.fit import TrainConfig
 
     state = run_state(run_dir)
     summary = _read_json(os.path.join(run_dir, "summary.json"))
@@ -138,7 +138,7 @@ def ensure_export(run_dir: str, log=print) -> str:
     onnx, keras_file = os.path.join(run_dir, "model.onnx"), os.path.join(run_dir, "model.keras")
     if os.path.isfile(onnx) and (not os.path.isfile(keras_file) or os.path.getmtime(onnx) >= os.path.getmtime(keras_file)):
         return onnx
-    from export.run import export_model
+    from explicam.export.run import export_model
 
     return export_model(run_dir=run_dir, log=log)["onnx"]
 
@@ -206,7 +206,7 @@ def run_sweep(data: str, kernels, make_config, eval_cfg: EvalConfig, runs_dir: s
               log=print, command: str | None = None) -> str:
     """Train, export and evaluate every kernel (skipping what is done), then report.
     make_config(kernel) -> train.fit.TrainConfig. Returns the report's HTML path."""
-    from train.fit import default_run_dir, result_line, train
+    from explicam.train.fit import default_run_dir, result_line, train
 
     configs = {k: make_config(k) for k in kernels}
     plan = [(k, os.path.join(runs_dir, os.path.basename(default_run_dir(k, c.head))), c) for k, c in configs.items()]

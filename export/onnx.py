@@ -32,7 +32,7 @@ import json
 import os
 
 
-from runtime import __version__
+from explicam import __version__
 
 OPSET = 17  # tf2onnx 1.17 goes up to 18; 17 runs on older onnxruntime builds found on boards
 
@@ -86,7 +86,7 @@ def build_onnx(model, layer_name: str = "conv4", opset: int = OPSET):
     """Return (main ModelProto, head ModelProto) for a Keras classifier."""
     import tensorflow as tf
 
-    from export.gradients import check_head, head_forward_and_grad
+    from explicam.export.gradients import check_head, head_forward_and_grad
 
     body, head = split_at_layer(model, layer_name)
     check_head(head)
@@ -112,8 +112,23 @@ def build_onnx(model, layer_name: str = "conv4", opset: int = OPSET):
         return {"logits": x, "probabilities": tf.nn.softmax(x)}
 
     main = _convert(full, (image_spec, target_spec), opset)
+    give_target_default(main)
     head_proto = _convert(head_only, (feat_spec,), opset)
     return main, head_proto
+
+
+def give_target_default(proto) -> None:
+    """Make the `target` input optional: an initializer of the same name holding [-1]
+    (top-1) is what onnxruntime uses when the caller feeds none, so the file is also a
+    plain classifier: session.run(None, {"image": x}). Broadcast against the batch by the
+    graph's own Where, it explains each image's top-1 class."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    names = {i.name for i in proto.graph.initializer}
+    if "target" in names or "target" not in {i.name for i in proto.graph.input}:
+        return
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "target"))
 
 
 def set_metadata(proto, meta: dict) -> None:

@@ -60,6 +60,23 @@ def keras_gradcam_batch(keras_path: str, layer_name: str = "conv4"):
     return gradcam
 
 
+def keras_baseline_for(model_path: str) -> dict:
+    """{"keras.io Grad-CAM (TF)": fn} for `cli.py bench` when TensorFlow and the model.keras
+    beside an exported model.onnx are both there, else {}."""
+    import os
+
+    keras_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.keras")
+    if not os.path.exists(keras_path):
+        return {}
+    try:
+        from explicam.train import quiet_tensorflow
+
+        quiet_tensorflow()  # TensorFlow's C++ start-up lines would land in the middle of the table
+        return {"keras.io Grad-CAM (TF)": keras_gradcam_batch(keras_path)}
+    except (ImportError, RuntimeError):  # RuntimeError: an edge install without TensorFlow
+        return {}
+
+
 def minmax(x):
     x = np.asarray(x, np.float64)
     span = x.max() - x.min()

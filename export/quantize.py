@@ -25,7 +25,7 @@ import time
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from export.onnx import ExportError, head_path_for
+from explicam.export.onnx import ExportError, head_path_for
 
 FLOAT_AFTER = "features"        # the output where quantization stops
 BODY_OPS = ("Conv", "Relu", "MaxPool")
@@ -51,7 +51,7 @@ def _pick(split, count: int | None) -> list[int]:
 
 def load_split(summary: dict, size: int, split: str, count: int | None = None):
     """(uint8 images (N, S, S, 3), labels) of the run's dataset; ExportError when it is gone."""
-    from train.data import DataError, Split, find_dataset, load_images
+    from explicam.train.data import DataError, Split, find_dataset, load_images
 
     data = summary.get("data")
     if not data:
@@ -155,7 +155,7 @@ def cpu_note(fp32_ms: float, int8_ms: float) -> str:
 def _session(path: str):
     import onnxruntime as ort
 
-    from runtime.model import session_options
+    from explicam.runtime.model import session_options
 
     return ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
 
@@ -194,7 +194,7 @@ def gradcam_agreement(fp32_path: str, int8_path: str, images: np.ndarray, target
     """Per-image Pearson correlations of the Grad-CAM maps, both models explaining the same
     class: (on the (h, w) cams at feature resolution, on the upsampled normalised heatmaps).
     The cams are the primary figure: upsampling smooths differences away."""
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     exps = [Explainer(p, warmup=False).explain(images, "gradcam", target=list(targets)) for p in (fp32_path, int8_path)]
     cams = np.array([pearson(a, b) for a, b in zip(exps[0].cams, exps[1].cams)])
@@ -232,7 +232,7 @@ def report_lines(r: dict) -> list[str]:
 def quantize_model(onnx_path: str, summary: dict, log=print, calib_images: int = 200, out: str | None = None,
                    latency_runs: int = 100) -> dict:
     """Write model.int8.onnx beside `onnx_path` (or at `out`) and return the FP32 vs INT8 figures."""
-    from runtime.model import OnnxModel
+    from explicam.runtime.model import OnnxModel
 
     out = out or int8_path_for(onnx_path)
     size = int(summary.get("image_size") or OnnxModel(onnx_path).input_size)

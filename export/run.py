@@ -7,8 +7,8 @@ import uuid
 
 import numpy as np
 
-from export.blocks import build_blocks
-from export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
+from explicam.export.blocks import build_blocks
+from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
                          head_path_for, load_keras_model, make_metadata, set_metadata, write_atomic)
 
 
@@ -29,7 +29,7 @@ def resolve_model_path(kernel: int = 4, run_dir: str | None = None, model: str |
 
 def sample_images(summary: dict, size: int, count: int = 8, split: str = "val"):
     """A few real images of the run's own dataset (one per class in turn), or None."""
-    from train.data import DataError, Split, find_dataset, load_images
+    from explicam.train.data import DataError, Split, find_dataset, load_images
 
     data = summary.get("data")
     if not data or not os.path.isdir(data):
@@ -53,7 +53,7 @@ def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str
                  blocks_bytes: bytes = b"", blocks: dict | None = None) -> dict:
     import onnxruntime as ort
 
-    from export.parity import compare, keras_features_logits_grads
+    from explicam.export.parity import compare, keras_features_logits_grads
 
     opts = ort.SessionOptions()
     session = ort.InferenceSession(main_bytes, opts, providers=["CPUExecutionProvider"])
@@ -78,7 +78,7 @@ def _blocks_parity(session, head, blocks_bytes: bytes, blocks: dict, images) -> 
     rather than probabilities: a confident model's probabilities hide small errors)."""
     import onnxruntime as ort
 
-    from runtime.masked import MaskedForward
+    from explicam.runtime.masked import MaskedForward
 
     x = np.asarray(images, np.float32)
     size = x.shape[1]
@@ -99,7 +99,7 @@ def _blocks_parity(session, head, blocks_bytes: bytes, blocks: dict, images) -> 
 def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | None = None,
                  layer: str = "conv4", out: str | None = None, int8: bool = False, samples: int = 8,
                  log=print) -> dict:
-    from export.parity import failures
+    from explicam.export.parity import failures
 
     model_path = resolve_model_path(kernel, run_dir, model_path)
     out = out or os.path.join(os.path.dirname(model_path) or ".", "model.onnx")
@@ -148,7 +148,7 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
               "blocks": blocks_path_for(out) if blocks_bytes else None, "parity": report, "metadata": meta}
     log(f"wrote {out}, " + ", ".join(written[:-1]) + f" and {written[-1]}")
     if int8:
-        from export.quantize import quantize_model
+        from explicam.export.quantize import quantize_model
 
         result["int8"] = quantize_model(out, summary, log=log)
     return result

@@ -1,15 +1,18 @@
-"""explicam's edge runtime: ONNX model + CAM methods, no TensorFlow.
+"""explicam.runtime: the edge explainer (ONNX model + CAM methods), no TensorFlow.
 
-    from runtime import Explainer
+    from explicam import Explainer          # the same class, the short way
     ex = Explainer("runs/k4/model.onnx")
     res = ex.explain(images, method="gradcam")
+
+The explainer core sits here (model, explainer, methods, masked, overlay, images, files,
+bench); the video path (capture, loop, sinks, MJPEG server, video bench) in runtime/video/.
+`embedded.py` stands alone: it imports nothing of explicam.
 """
-__version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Imported lazily so `runtime.images` stays usable without onnxruntime loaded.
+    # Imported lazily so `explicam.runtime.images` stays usable without onnxruntime loaded.
     if name in ("Explainer", "Explanation"):
-        from runtime import explainer
+        from explicam.runtime import explainer
         return getattr(explainer, name)
     raise AttributeError(name)

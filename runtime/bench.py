@@ -4,8 +4,9 @@ the figures to read: they survive a change of machine.
 
 Rows: the plain onnxruntime forward pass (the graph pruned to logits and
 probabilities), every CAM method with the numba and the numpy kernels, the INT8 model
-where model.int8.onnx exists, and the keras.io Grad-CAM tutorial (tf.GradientTape)
-where TensorFlow and model.keras are available.
+where model.int8.onnx exists, and any baselines the caller passes (the command adds the
+keras.io Grad-CAM tutorial, tf.GradientTape, where TensorFlow and model.keras are there:
+the runtime itself never imports TensorFlow).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from runtime.explainer import Explainer
-from runtime.model import session_options
+from explicam.runtime.explainer import Explainer
+from explicam.runtime.model import session_options
 
 SLOW = {"scorecam"}  # hundreds of forward passes per image: fewer repetitions
 
@@ -45,7 +46,7 @@ def plain_forward_session(model_path: str, threads: int | None):
     """The classifier alone (image -> logits, probabilities): the baseline every method is
     compared with. The export's model.forward.onnx where it exists; else the main graph
     pruned with onnx when installed; else the full graph, said so."""
-    from runtime.model import OnnxModel
+    from explicam.runtime.model import OnnxModel
 
     model = OnnxModel(model_path, threads)
     if model.forward_session() is not None:
@@ -62,23 +63,6 @@ def plain_forward_session(model_path: str, threads: int | None):
                                     providers=["CPUExecutionProvider"]), "full graph (onnx not installed)"
 
 
-def _keras_baseline(model_path: str):
-    """The keras.io Grad-CAM recipe on model.keras beside the model, or None when TensorFlow
-    or the Keras file is missing. It lives on the training side (export/parity.py): the
-    runtime itself never imports TensorFlow."""
-    keras_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.keras")
-    if not os.path.exists(keras_path):
-        return None
-    try:
-        from train import quiet_tensorflow
-
-        quiet_tensorflow()  # TensorFlow's C++ start-up lines would land in the middle of the table
-        from export.parity import keras_gradcam_batch
-        return keras_gradcam_batch(keras_path)
-    except (ImportError, RuntimeError):  # RuntimeError: an edge install without TensorFlow
-        return None
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -92,8 +76,9 @@ def machine() -> str:
 
 
 def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | None = None, images=None,
-              min_seconds: float = 1.0, log=print) -> dict:
-    """Measure everything on the same images; returns {"rows": [...], "settings": {...}}."""
+              min_seconds: float = 1.0, log=print, baselines: dict | None = None) -> dict:
+    """Measure everything on the same images; returns {"rows": [...], "settings": {...}}.
+    baselines: {row name: fn(preprocessed batch)}, timed apart against the forward pass."""
     ex = {"numba": Explainer(model_path, kernels="numba", threads=threads),
           "numpy": Explainer(model_path, kernels="numpy", threads=threads)}
     model = ex["numba"].model
@@ -111,7 +96,6 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                      "ratio": ms / forward_ms})
         log(f"  {name:24s} {kernels:6s} batch {batch:3d}: {ms:9.2f} ms/image  {ms / forward_ms:8.2f}x forward")
 
-    keras_gradcam = _keras_baseline(model_path)
     int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
     q = Explainer(int8, threads=threads) if os.path.exists(int8) else None
     for batch in batches:
@@ -143,9 +127,9 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                 add(method, kernels, batch, ms[kernels], ms["forward"])
             if "whole" in ms:
                 add(f"{method}, whole images", "numba", batch, ms["whole"], ms["forward"])
-        if keras_gradcam is not None:  # apart: TensorFlow's idle threads would slow the onnxruntime rows
-            ms = _interleaved({"forward": forward, "keras": lambda: keras_gradcam(x)}, batch, min_seconds)
-            add("keras.io Grad-CAM (TF)", "-", batch, ms["keras"], ms["forward"])
+        for name, fn in (baselines or {}).items():  # apart: TensorFlow's idle threads would slow the other rows
+            ms = _interleaved({"forward": forward, "baseline": lambda fn=fn: fn(x)}, batch, min_seconds)
+            add(name, "-", batch, ms["baseline"], ms["forward"])
     settings = {"model": model_path, "input_size": size, "kernel": model.kernel, "plain_forward": how,
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning off",

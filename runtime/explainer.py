@@ -11,20 +11,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import camkernels
-from runtime.methods import METHODS, CamInputs, MethodError
-from runtime.model import OnnxModel
+from explicam import camkernels
+from explicam.runtime.images import heatmap_on_photo
+from explicam.runtime.methods import METHODS, CamInputs, MethodError
+from explicam.runtime.model import OnnxModel
 
 
 @dataclass
 class Explanation:
     method: str
     cams: np.ndarray           # (N, h, w) float32, after ReLU, not normalised
-    heatmaps: np.ndarray       # (N, S, S) float32 in [0, 1], bilinear to the input size
+    heatmaps: np.ndarray       # (N, H, W) float32 in [0, 1], bilinear to the input size
     logits: np.ndarray         # (N, classes)
     probabilities: np.ndarray  # (N, classes)
     targets: np.ndarray        # (N,) class index explained for each image
     class_names: list
+    resize_shorter: int | None = None  # how the photos were fitted to the input (None: squeezed whole)
+
+    def heatmap_on(self, i: int, shape) -> np.ndarray:
+        """Image i's heatmap on its photo of `shape` (h, w), through the same resize the
+        preprocessing used, so it covers what the model saw and nothing else."""
+        return heatmap_on_photo(self.heatmaps[i], shape[:2], self.resize_shorter)
 
     def top_k(self, k: int = 3) -> list:
         """[(class name, probability), ...] per image, most probable first."""
@@ -53,15 +60,20 @@ class Explainer:
         self.scorecam_topk = scorecam_topk
         if warmup:  # compile the kernels and let onnxruntime allocate now, not on the first frame
             camkernels.warmup(self.k)
-            self.explain(np.zeros((1, self.input_size, self.input_size, 3), np.uint8), "gradcam")
+            self.explain(np.zeros((1, *self.input_hw, 3), np.uint8), "gradcam")
 
     @property
     def class_names(self) -> list:
         return self.model.class_names
 
     @property
-    def input_size(self) -> int:
+    def input_size(self) -> int | None:
+        """The input side of a square model (None for a non-square one: see input_hw)."""
         return self.model.input_size
+
+    @property
+    def input_hw(self) -> tuple:
+        return self.model.input_hw
 
     @property
     def methods(self) -> list:
@@ -116,7 +128,7 @@ class Explainer:
 
     def _finish(self, method: str, parts: list) -> Explanation:
         cams = np.concatenate([p[0] for p in parts])
-        heatmaps = self.k.normalize_minmax(self.k.upsample_bilinear(cams, self.input_size, self.input_size))
+        heatmaps = self.k.normalize_minmax(self.k.upsample_bilinear(cams, *self.input_hw))
         return Explanation(method, cams, heatmaps, np.concatenate([p[1] for p in parts]),
                            np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int64),
-                           self.class_names)
+                           self.class_names, self.model.resize_shorter)

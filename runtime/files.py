@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from runtime import overlay as ov
-from runtime.images import IMAGE_EXTENSIONS, ImageError, list_images, read_image
+from explicam.runtime import overlay as ov
+from explicam.runtime.images import IMAGE_EXTENSIONS, ImageError, list_images, read_image
 
 DECODE_MIN_SIDE = 512       # huge JPEGs decode at reduced scale but keep >= 1024 px for a sharp overlay
 DISPLAY_MIN_SIDE = 128      # smaller photos are enlarged (integer factor, nearest) so labels fit on them
@@ -147,7 +147,7 @@ class Writer:
         first = results[self.methods[0]]
         top = first.top_k(self.top_k)[i]
         target = first.target_names[i]
-        overlays = {m: ov.overlay(shown, results[m].heatmaps[i], self.alpha, self.colormap) for m in self.methods}
+        overlays = {m: ov.overlay(shown, results[m].heatmap_on(i, shown.shape), self.alpha, self.colormap) for m in self.methods}
         if len(self.methods) == 1:
             image = overlays[self.methods[0]]
             if self.labels:
@@ -159,7 +159,7 @@ class Writer:
             if shown.shape[0] > GRID_HEIGHT:  # ten 4000 px tiles side by side help nobody
                 shown = cv2.resize(shown, (max(1, shown.shape[1] * GRID_HEIGHT // shown.shape[0]), GRID_HEIGHT),
                                    interpolation=cv2.INTER_AREA)
-                overlays = {m: ov.overlay(shown, results[m].heatmaps[i], self.alpha, self.colormap)
+                overlays = {m: ov.overlay(shown, results[m].heatmap_on(i, shown.shape), self.alpha, self.colormap)
                             for m in self.methods}
             tiles = [ov.titled(shown, "photo")] + [ov.titled(overlays[m], m) for m in self.methods]
             image = tile_rows(tiles)
@@ -202,7 +202,7 @@ def explain_files(paths, model=None, out="out", method="gradcam", target=None, t
                   kernels="auto", threads=None, explainer=None, progress=None, on_start=None) -> FilesResult:
     """Explain every image in `paths` (files and folders) into `out`. Raises ValueError only
     when nothing could be done; per-file problems end up in result.skipped."""
-    from runtime.methods import METHODS
+    from explicam.runtime.methods import METHODS
 
     t0 = time.perf_counter()
     methods = parse_methods(method, list(METHODS))
@@ -212,8 +212,8 @@ def explain_files(paths, model=None, out="out", method="gradcam", target=None, t
         raise ValueError(problems[0] if len(problems) == 1 else "nothing to explain: " + "; ".join(problems))
     check_writable(out)
     if explainer is None:
-        from runtime.explainer import Explainer
-        from runtime.model import newest_model
+        from explicam.runtime.explainer import Explainer
+        from explicam.runtime.model import newest_model
 
         explainer = Explainer(model or newest_model(), kernels=kernels, threads=threads, batch_size=batch_size)
     explainer.resolve_targets(target, 1)  # an unknown --target fails now, not per image
@@ -243,9 +243,9 @@ def explain_files(paths, model=None, out="out", method="gradcam", target=None, t
 def usable_methods(explainer, methods: list, notes: list) -> list:
     """Try each method once on a blank image: one the model cannot do (classic CAM needs a
     GAP head) is an error when it is the only one asked for, else left out with a note."""
-    from runtime.methods import MethodError
+    from explicam.runtime.methods import MethodError
 
-    probe = np.zeros((1, explainer.input_size, explainer.input_size, 3), np.uint8)
+    probe = np.zeros((1, *explainer.input_hw, 3), np.uint8)
     usable = []
     for m in methods:
         try:
@@ -260,7 +260,7 @@ def usable_methods(explainer, methods: list, notes: list) -> list:
 
 def _run(explainer, writer, items, methods, target, batch_size, partial, result, progress) -> None:
     queue, size = iter(items), max(1, int(batch_size))
-    min_side = max(explainer.input_size, DECODE_MIN_SIDE)
+    min_side = max(*explainer.input_hw, DECODE_MIN_SIDE)
     with open(partial, "w", newline="") as f, ThreadPoolExecutor(1) as pool:
         rows = csv.writer(f)
         rows.writerow(writer.header())

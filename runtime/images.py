@@ -135,10 +135,51 @@ def read_image(path, min_side: int = 0) -> np.ndarray:
     return decode_image(data, path, min_side=min_side)
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to size x size the way training did (bilinear; area when shrinking a lot)."""
+def resize_rgb(image: np.ndarray, size) -> np.ndarray:
+    """Resize to size x size (or to (h, w)) the way training did (bilinear; area when
+    shrinking a lot)."""
+    out_h, out_w = (size, size) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
     h, w = image.shape[:2]
-    if (h, w) == (size, size):
+    if (h, w) == (out_h, out_w):
         return image
-    interp = cv2.INTER_AREA if min(h, w) > 2 * size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    interp = cv2.INTER_AREA if min(h / out_h, w / out_w) > 2 else cv2.INTER_LINEAR
+    return cv2.resize(image, (out_w, out_h), interpolation=interp)
+
+
+def crop_box(shape, input_hw, resize_shorter: int | None = None) -> tuple:
+    """The part of an image of `shape` (h, w) that the model sees, (y0, x0, y1, x1) in its
+    pixels. Plain resize: all of it. Shorter-side resize (torchvision's Resize(S) then
+    CenterCrop(H, W)): the centred window that becomes the model input after the image is
+    scaled so its shorter side is S."""
+    h, w = int(shape[0]), int(shape[1])
+    if not resize_shorter:
+        return 0, 0, h, w
+    scale = resize_shorter / min(h, w)
+    ch, cw = min(h, input_hw[0] / scale), min(w, input_hw[1] / scale)  # the window in original pixels
+    y0, x0 = (h - ch) / 2, (w - cw) / 2
+    return y0, x0, y0 + ch, x0 + cw
+
+
+def fit_to_input(image: np.ndarray, input_hw, resize_shorter: int | None = None) -> np.ndarray:
+    """An image (or mask) as the model input sees it: resized to input_hw, after the
+    centre crop of a shorter-side resize when the model was trained that way."""
+    if resize_shorter:
+        y0, x0, y1, x1 = crop_box(image.shape, input_hw, resize_shorter)
+        image = image[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))]
+    return resize_rgb(image, input_hw)
+
+
+def heatmap_on_photo(heatmap: np.ndarray, shape, resize_shorter: int | None = None) -> np.ndarray:
+    """A heatmap at the model's input size drawn back on a photo of `shape` through the
+    same resize the preprocessing used: stretched over the whole photo (plain resize), or
+    over the centre window the model saw, zero outside it (shorter-side crop). A 4:3
+    photo's heatmap then sits on the same object as on the model's square input."""
+    h, w = int(shape[0]), int(shape[1])
+    y0, x0, y1, x1 = crop_box((h, w), heatmap.shape, resize_shorter)
+    if (y0, x0, y1, x1) == (0, 0, h, w):
+        return cv2.resize(heatmap, (w, h), interpolation=cv2.INTER_LINEAR)
+    # affine: input pixel (i, j) centre -> photo coordinates; warpAffine samples bilinearly
+    sy, sx = heatmap.shape[0] / (y1 - y0), heatmap.shape[1] / (x1 - x0)
+    m = np.float32([[sx, 0, (0.5 - x0) * sx - 0.5], [0, sy, (0.5 - y0) * sy - 0.5]])
+    return cv2.warpAffine(heatmap.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)

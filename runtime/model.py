@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import os
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 
+from explicam.runtime.images import fit_to_input, heatmap_on_photo
+
 REQUIRED_META = ("class_names", "input_size", "value_range", "feature_layer", "feature_shape", "head")
+# The explicam input is always (N, H, W, 3) float32 RGB in value_range, resized as the
+# metadata's `resize` says: a model that wants BGR, grey, NCHW or mean/std normalisation
+# does that inside its exported graph (export/prologue.py), so the runtime keeps one layout.
 REQUIRED_OUTPUTS = ("logits", "probabilities", "features", "grads")
 
 
@@ -70,7 +74,12 @@ class OnnxModel:
                 meta[key] = value
         self.meta = meta
         self.class_names = [str(c) for c in meta["class_names"]]
-        self.input_size = int(meta["input_size"])
+        size = meta["input_size"]  # S for a square input, [H, W] otherwise
+        self.input_hw = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
+        self.input_size = self.input_hw[0] if self.input_hw[0] == self.input_hw[1] else None
+        # "bilinear": the whole photo squeezed to the input; "shorter": torchvision's
+        # Resize(S) + CenterCrop, the shorter side to resize_shorter, then the centre window
+        self.resize_shorter = int(meta["resize_shorter"]) if meta.get("resize") == "shorter" else None
         self.value_range = tuple(float(v) for v in meta["value_range"])
         self.feature_shape = tuple(int(d) for d in meta["feature_shape"])
         self.head_kind = meta["head"]
@@ -85,31 +94,36 @@ class OnnxModel:
         return len(self.class_names)
 
     def preprocess(self, images) -> np.ndarray:
-        """RGB uint8 image(s) of any size -> (N, S, S, 3) float32 in the model's value range.
+        """RGB uint8 image(s) of any size -> (N, H, W, 3) float32 in the model's value range.
 
-        Float arrays already at (N, S, S, 3) are taken as preprocessed (the evaluation
+        Float arrays already at (N, H, W, 3) are taken as preprocessed (the evaluation
         feeds perturbed inputs that way)."""
         if isinstance(images, np.ndarray) and images.ndim == 3:
             images = [images]
+        (h, w), (lo, hi) = self.input_hw, self.value_range
         if isinstance(images, np.ndarray) and images.dtype != np.uint8:
-            if images.shape[1:] != (self.input_size, self.input_size, 3):
-                raise ValueError(f"float images must be preprocessed to (N, {self.input_size}, "
-                                 f"{self.input_size}, 3); got {images.shape}")
+            if images.shape[1:] != (h, w, 3):
+                raise ValueError(f"float images must be preprocessed to (N, {h}, {w}, 3); got {images.shape}")
             return np.ascontiguousarray(images, np.float32)
-        size, (lo, hi) = self.input_size, self.value_range
-        out = np.empty((len(images), size, size, 3), np.float32)
+        out = np.empty((len(images), h, w, 3), np.float32)
         for i, img in enumerate(images):
             img = np.asarray(img)
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {img.dtype} {img.shape}")
-            if img.shape[:2] != (size, size):
-                shrink = min(img.shape[:2]) > 2 * size
-                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            out[i] = img
+            out[i] = self.fit(img)
         out *= (hi - lo) / 255.0
         if lo:
             out += lo
         return out
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        """An RGB uint8 image (or a mask) resized as the model's preprocessing says."""
+        return fit_to_input(image, self.input_hw, self.resize_shorter)
+
+    def on_photo(self, heatmap: np.ndarray, shape) -> np.ndarray:
+        """A heatmap at input size mapped back onto a photo of `shape` (h, w) through the
+        same resize (plain or shorter-side crop), so it sits where the model looked."""
+        return heatmap_on_photo(heatmap, shape[:2], self.resize_shorter)
 
     def run(self, x: np.ndarray, targets: np.ndarray, outputs=None) -> dict:
         """One onnxruntime call: logits, probabilities, features, grads, target_used."""
@@ -144,13 +158,13 @@ class OnnxModel:
         (INT8 files, another body than the seed's, older exports) or one of the two is
         missing or from another export: Score-CAM then runs whole masked images."""
         if self._masked is None:
-            from runtime.masked import MaskedForward
+            from explicam.runtime.masked import MaskedForward
 
             name, geometry = self.meta.get("blocks_file"), self.meta.get("blocks")
             blocks = self._side_file(name, threads=1) if name and geometry else None
             head = self._side_file(self.meta.get("head_file") or "", threads=1) if blocks else None
             forward = self._side_file(self.meta.get("forward_file") or "", threads=1) if head else None
-            self._masked = (MaskedForward(blocks, head, geometry, self.input_size, self.threads, forward,
+            self._masked = (MaskedForward(blocks, head, geometry, self.input_hw[0], self.threads, forward,
                                           self.input_name) if head else False)
         return self._masked or None
 

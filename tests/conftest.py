@@ -26,7 +26,7 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    from train import synth
+    from explicam.train import synth
 
     out = tmp_path_factory.mktemp("synth") / "data"
     synth.generate(out, n_train=200, n_val=60, size=SIZE, num_classes=NUM_CLASSES, seed=1)
@@ -34,7 +34,7 @@ def synth_dir(tmp_path_factory):
 
 
 def _train(data, run_dir, head, epochs):
-    from train.fit import TrainConfig, train
+    from explicam.train.fit import TrainConfig, train
 
     cfg = TrainConfig(data=str(data), kernel=4, image_size=SIZE, head=head, batch_size=16,
                       max_epochs=epochs, patience=epochs, seed=0)
@@ -55,7 +55,7 @@ def trained_gap_run(synth_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def onnx_model(trained_run):
-    from export.run import export_model
+    from explicam.export.run import export_model
 
     run, _ = trained_run
     return Path(export_model(run_dir=str(run), samples=4, log=quiet)["onnx"])
@@ -63,7 +63,7 @@ def onnx_model(trained_run):
 
 @pytest.fixture(scope="session")
 def onnx_gap_model(trained_gap_run):
-    from export.run import export_model
+    from explicam.export.run import export_model
 
     run, _ = trained_gap_run
     return Path(export_model(run_dir=str(run), samples=4, log=quiet)["onnx"])
@@ -72,8 +72,8 @@ def onnx_gap_model(trained_gap_run):
 @pytest.fixture(scope="session")
 def val_images(synth_dir):
     """A few real validation images (RGB uint8, original size) with their class index."""
-    from runtime.images import read_image
-    from train.data import find_dataset
+    from explicam.runtime.images import read_image
+    from explicam.train.data import find_dataset
 
     ds = find_dataset(synth_dir)
     picks = [list(ds.val.labels).index(c) for c in range(NUM_CLASSES)] * 2

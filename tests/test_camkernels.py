@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-import camkernels as ck
-from camkernels import kernels as K
+from explicam import camkernels as ck
+from explicam.camkernels import kernels as K
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NPY = ck.get("numpy")

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from camkernels import kernels as K
+from explicam.camkernels import kernels as K
 from test_camkernels import ROOT, bilinear_loop, close, gradcampp_loop
 
 def run_py(code):
@@ -19,8 +19,8 @@ FALLBACK = r"""
 import sys
 sys.modules["numba"] = None  # `import numba` now raises ImportError
 import numpy as np
-import camkernels as ck
-import camkernels.kernels
+from explicam import camkernels as ck
+import explicam.camkernels.kernels
 assert ck.BACKEND == "numpy", ck.BACKEND
 assert ck.get().backend == "numpy"
 try:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.images import ImageError, read_image
-from train.data import DataError, find_dataset, load_images
+from explicam.runtime.images import ImageError, read_image
+from explicam.train.data import DataError, find_dataset, load_images
 from tests.conftest import run_cli
 
 

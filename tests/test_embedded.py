@@ -7,11 +7,11 @@ import sys
 import cv2
 import numpy as np
 
-from runtime import Explainer
+from explicam.runtime import Explainer
 from tests.conftest import ROOT, SIZE
 
 BLOCK = ("import sys\n"
-         "for m in ('numba', 'cv2', 'PIL', 'tensorflow', 'keras', 'runtime', 'camkernels'): sys.modules[m] = None\n"
+         "for m in ('numba', 'cv2', 'PIL', 'tensorflow', 'keras', 'runtime', 'camkernels', 'explicam'): sys.modules[m] = None\n"
          "import runpy\n"
          "sys.argv = ['embedded.py'] + sys.argv[1:]\n"
          "runpy.run_path('embedded.py', run_name='__main__')\n")

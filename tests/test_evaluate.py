@@ -74,7 +74,7 @@ def test_sanity_cascade_ran(evaluated):
 
 
 def test_sanity_skipped_without_model_keras(onnx_model, synth_dir, tmp_path):
-    from evaluate.evaluate import EvalConfig, run_evaluation
+    from explicam.evaluate.evaluate import EvalConfig, run_evaluation
 
     for f in (onnx_model, onnx_model.with_name("model.head.onnx")):
         shutil.copy(f, tmp_path / f.name)
@@ -87,8 +87,8 @@ def test_sanity_skipped_without_model_keras(onnx_model, synth_dir, tmp_path):
 
 def test_evaluate_runs_without_tensorflow(onnx_model, synth_dir, tmp_path):
     code = BLOCK + (
-        "from evaluate.evaluate import EvalConfig, run_evaluation\n"
-        "import evaluate.metrics, evaluate.inputs, evaluate.sanity, evaluate.report, evaluate.figures\n"
+        "from explicam.evaluate.evaluate import EvalConfig, run_evaluation\n"
+        "import explicam.evaluate.metrics, explicam.evaluate.inputs, explicam.evaluate.sanity, explicam.evaluate.report, explicam.evaluate.figures\n"
         f"r = run_evaluation({str(onnx_model)!r}, {str(synth_dir)!r}, EvalConfig(methods=['gradcam'], limit=8,"
         f" sanity_images=2, steps=4), out={str(tmp_path)!r}, log=lambda *a: None)\n"
         "assert 'TensorFlow' in r['sanity']['skipped'], r['sanity']\n"
@@ -100,8 +100,8 @@ def test_evaluate_runs_without_tensorflow(onnx_model, synth_dir, tmp_path):
 
 
 def test_boxes_csv_and_habitat_split(onnx_model, tmp_path):
-    from evaluate.evaluate import EvalConfig, run_evaluation
-    from train import synth
+    from explicam.evaluate.evaluate import EvalConfig, run_evaluation
+    from explicam.train import synth
 
     data = tmp_path / "habitat"
     synth.generate(data, n_train=NUM_CLASSES, n_val=24, size=SIZE, num_classes=NUM_CLASSES, habitat_bias=0.7, seed=3)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import overlay as ov
-from runtime.files import explain_files
-from runtime.images import read_image
+from explicam.runtime import overlay as ov
+from explicam.runtime.files import explain_files
+from explicam.runtime.images import read_image
 from tests.conftest import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
 def explainer(onnx_model):
-    from runtime import Explainer
+    from explicam.runtime import Explainer
     return Explainer(onnx_model)
 
 
@@ -172,7 +172,7 @@ def test_a_12000px_jpeg_is_explained_without_a_memory_blow_up(tmp_path, onnx_mod
     del img
     code = (
         "import resource, sys\n"
-        "from runtime import Explainer\nfrom runtime.files import explain_files\n"
+        "from explicam.runtime import Explainer\nfrom explicam.runtime.files import explain_files\n"
         f"ex = Explainer({str(onnx_model)!r})\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"r = explain_files([{str(big)!r}], out={str(tmp_path / 'out')!r}, explainer=ex)\n"

@@ -6,10 +6,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.onnx import build_onnx
-from export.parity import compare, failures, gradcam_from_onnx_outputs, keras_tutorial_gradcam, minmax
+from explicam.export.onnx import build_onnx
+from explicam.export.parity import compare, failures, gradcam_from_onnx_outputs, keras_tutorial_gradcam, minmax
 from tests.conftest import SIZE, quiet, run_cli
-from train.model import build_model
+from explicam.train.model import build_model
 
 
 def _session(proto_or_path):
@@ -63,7 +63,10 @@ def test_trained_gap_parity(trained_gap_run, onnx_gap_model, val_images):
 def test_outputs_shapes_and_metadata(onnx_model, trained_run):
     _, summary = trained_run
     session = _session(str(onnx_model))
-    assert [i.name for i in session.get_inputs()] == ["image", "target"]
+    # target is an input with a default (an initializer of the same name): onnxruntime lists
+    # it among the overridable initializers, not the required inputs
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [i.name for i in session.get_overridable_initializers()] == ["target"]
     assert session.get_inputs()[0].shape[1:] == [SIZE, SIZE, 3]
     x = np.random.default_rng(0).random((3, SIZE, SIZE, 3), dtype=np.float32)
     out = dict(zip([o.name for o in session.get_outputs()],
@@ -95,7 +98,7 @@ def test_outputs_shapes_and_metadata(onnx_model, trained_run):
 def test_probabilities_use_the_pruned_classifier_and_work_without_it(onnx_model, tmp_path):
     import shutil
 
-    from runtime.model import OnnxModel
+    from explicam.runtime.model import OnnxModel
 
     x = np.random.default_rng(3).random((5, SIZE, SIZE, 3), dtype=np.float32)
     model = OnnxModel(onnx_model)
@@ -113,7 +116,7 @@ def test_probabilities_use_the_pruned_classifier_and_work_without_it(onnx_model,
 def test_side_files_of_another_export_are_not_used(onnx_model, onnx_gap_model, tmp_path):
     import shutil
 
-    from runtime.model import ModelError, OnnxModel
+    from explicam.runtime.model import ModelError, OnnxModel
 
     # the gap model's model.onnx copied over on its own, beside the flatten model's side files
     for name in ("model.head.onnx", "model.forward.onnx"):
@@ -167,7 +170,7 @@ def test_export_cli_writes_files_and_reports_parity(trained_run, tmp_path):
 
 
 def test_parity_failure_leaves_no_model(trained_run, tmp_path, monkeypatch):
-    import export.run as export_run
+    import explicam.export.run as export_run
 
     run, _ = trained_run
     monkeypatch.setattr(export_run, "check_parity", lambda *a, **k: {"logits": 0.5, "grads_rel": 0.0})
@@ -213,7 +216,7 @@ def test_trained_parity_for_other_kernels(kernel, synth_dir, tmp_path):
     # A short real training run (not just random weights) for the kernels the seed also used.
     import keras
 
-    from train.fit import TrainConfig, train
+    from explicam.train.fit import TrainConfig, train
 
     cfg = TrainConfig(data=str(synth_dir), kernel=kernel, image_size=32, batch_size=32, max_epochs=2, seed=0)
     train(cfg, run_dir=str(tmp_path / "run"), verbose=0, log=quiet)

@@ -43,7 +43,7 @@ def test_short_training_learns_the_builtin_dataset(trained_run):
 def test_best_model_on_disk_is_the_best_epoch(trained_run):
     import keras
 
-    from train.data import find_dataset, load_images
+    from explicam.train.data import find_dataset, load_images
 
     run, summary = trained_run
     model = keras.models.load_model(run / "model.keras")
@@ -89,7 +89,7 @@ def test_sigkill_then_same_command_resumes(synth_dir, tmp_path):
 
 
 def test_seed_makes_a_run_repeatable(synth_dir, tmp_path):
-    from train.fit import TrainConfig, train
+    from explicam.train.fit import TrainConfig, train
 
     def once(name):
         cfg = TrainConfig(data=str(synth_dir), kernel=2, image_size=32, batch_size=32, max_epochs=2, seed=7)

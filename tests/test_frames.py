@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-import camkernels as ck
-from camkernels import kernels as K
+from explicam import camkernels as ck
+from explicam.camkernels import kernels as K
 
 BACKENDS = ["numpy"] + ([] if K.NUMBA_ERROR else ["numba"])
 

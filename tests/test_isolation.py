@@ -9,12 +9,12 @@ BLOCK = "import sys\nfor m in ('tensorflow', 'keras', 'tf2onnx', 'tf_keras'): sy
 
 def test_runtime_and_camkernels_import_without_tensorflow():
     code = BLOCK + (
-        "import camkernels, runtime, runtime.images, runtime.model, runtime.methods, runtime.explainer\n"
+        "import explicam.camkernels, explicam.runtime, explicam.runtime.images, explicam.runtime.model, explicam.runtime.methods, explicam.runtime.explainer\n"
         "import importlib, pkgutil\n"
-        "for pkg in ('runtime', 'camkernels'):\n"
+        "for pkg in ('explicam.runtime', 'explicam.runtime.video', 'explicam.camkernels'):\n"
         "    for info in pkgutil.iter_modules(importlib.import_module(pkg).__path__):\n"
         "        importlib.import_module(pkg + '.' + info.name)\n"
-        "from runtime import Explainer\n"
+        "from explicam import Explainer\n"
         "bad = [m for m in ('tensorflow', 'keras', 'tf2onnx') if sys.modules.get(m) is not None]\n"
         "assert not bad, bad\n"
         "print('ok')\n")

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.capture import Source
-from runtime.sinks import ServeSink
-from runtime.video import run_stream
+from explicam.runtime.video.capture import Source
+from explicam.runtime.video.sinks import ServeSink
+from explicam.runtime.video.loop import run_stream
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -55,7 +55,7 @@ class Stopper:
 
 
 def test_live_page_shows_the_stream_in_chromium(onnx_model, tmp_path):
-    from runtime import Explainer
+    from explicam.runtime import Explainer
 
     explainer = Explainer(onnx_model, batch_size=1)
     serve, stopper = ServeSink(0), Stopper()

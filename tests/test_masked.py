@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 
 from conftest import SIZE
-from export.blocks import build_blocks
-from runtime.masked import MaskedForward
-from runtime.model import OnnxModel
-from train.model import build_model
+from explicam.export.blocks import build_blocks
+from explicam.runtime.masked import MaskedForward
+from explicam.runtime.model import OnnxModel
+from explicam.train.model import build_model
 
 
 def _session(proto):
@@ -57,7 +57,7 @@ def test_crops_give_the_whole_network_s_conv4_and_probabilities(kernel, head):
     model = build_model(kernel, SIZE, 3, head)
     proto, geometry = build_blocks(model)
     assert geometry["kernel"] == kernel and geometry["pad_before"] + geometry["pad_after"] == kernel - 1
-    from export.onnx import build_onnx
+    from explicam.export.onnx import build_onnx
 
     _, head_proto = build_onnx(model)
     masked = MaskedForward(_session(proto), _session(head_proto), geometry, SIZE, workers=2)
@@ -86,8 +86,8 @@ def test_crops_give_the_whole_network_s_conv4_and_probabilities(kernel, head):
 
 def test_a_wrong_padding_is_caught_by_the_export_parity_check():
     # The check that guards `cli.py export` must see an off-by-one in the crop geometry.
-    from export.onnx import build_onnx
-    from export.run import _blocks_parity
+    from explicam.export.onnx import build_onnx
+    from explicam.export.run import _blocks_parity
 
     model = build_model(4, SIZE, 3, "flatten")
     main, head = build_onnx(model)
@@ -120,7 +120,7 @@ def test_the_export_writes_and_the_runtime_uses_the_blocks(onnx_model, val_image
     assert masked is not None and masked.workers >= 1
     x = model.preprocess(val_images[0][:1])
     feats = model.run(x, np.full(1, -1), ["features"])["features"][0]
-    import camkernels
+    from explicam import camkernels
 
     acts = np.ascontiguousarray(feats.transpose(2, 0, 1))
     live = acts.max(axis=(1, 2)) > acts.min(axis=(1, 2))
@@ -134,7 +134,7 @@ def test_the_export_writes_and_the_runtime_uses_the_blocks(onnx_model, val_image
 
 
 def test_scorecam_without_or_with_a_foreign_blocks_file(onnx_model, onnx_gap_model, val_images, tmp_path):
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     img = val_images[0][1]
     cropped = Explainer(onnx_model).explain(img, "scorecam")

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime import Explainer
-from runtime.methods import METHODS, MethodError, register
+from explicam.runtime import Explainer
+from explicam.runtime.methods import METHODS, MethodError, register
 from tests.conftest import SIZE
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
@@ -218,7 +218,7 @@ def test_a_new_method_is_one_function_and_all_zero_maps_give_zeros(explainer, va
 
 
 def test_bad_model_files_get_clear_errors(tmp_path):
-    from runtime.model import ModelError
+    from explicam.runtime.model import ModelError
 
     with pytest.raises(ModelError, match="no such model file"):
         Explainer(tmp_path / "missing.onnx")

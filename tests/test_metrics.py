@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from evaluate import metrics as M
-from evaluate.inputs import _box_mask, balanced_order, first_per_class, read_boxes
-from evaluate.report import receptive_field
-from evaluate.sweep import conv_macs, parse_kernels
+from explicam.evaluate import metrics as M
+from explicam.evaluate.inputs import _box_mask, balanced_order, first_per_class, read_boxes
+from explicam.evaluate.report import receptive_field
+from explicam.evaluate.sweep import conv_macs, parse_kernels
 
 
 def square_mask(size=16, r0=4, r1=8, c0=4, c1=12):
@@ -223,7 +223,7 @@ def test_conv_macs_and_kernel_parsing():
 
 
 def test_default_methods_follow_the_head():
-    from evaluate.evaluate import default_methods
+    from explicam.evaluate.evaluate import default_methods
 
     assert "cam" in default_methods("gap") and len(default_methods("gap")) == 9
     assert "cam" not in default_methods("flatten") and "scorecam" in default_methods("flatten")

@@ -1,7 +1,7 @@
 """The seed network: architecture, names and the seed's parameter count."""
 import pytest
 
-from train.model import build_model
+from explicam.train.model import build_model
 
 
 def test_seed_parameter_count():

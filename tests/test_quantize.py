@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.onnx import ExportError
-from export.parity import gradcam_from_onnx_outputs
-from export.quantize import quantize_model
+from explicam.export.onnx import ExportError
+from explicam.export.parity import gradcam_from_onnx_outputs
+from explicam.export.quantize import quantize_model
 from tests.conftest import NUM_CLASSES, SIZE, quiet, run_cli
 
 FILTERS = [16, 32, 64, 128, 256]
@@ -38,7 +38,7 @@ def quantized(trained_run, onnx_model, tmp_path_factory):
 
 
 def _val(synth_dir):
-    from train.data import find_dataset, load_images
+    from explicam.train.data import find_dataset, load_images
 
     x, y, _ = load_images(find_dataset(synth_dir).val, SIZE)
     return x.astype(np.float32) / 255, y
@@ -79,7 +79,7 @@ def test_file_is_qdq_per_channel_and_keeps_outputs_and_metadata(quantized):
 
 
 def test_explainer_runs_the_int8_model(quantized, val_images):
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     fp32, _, _ = quantized
     explainer = Explainer(str(fp32.parent / "model.int8.onnx"))
@@ -150,7 +150,7 @@ def test_missing_calibration_data_leaves_no_int8_model(trained_run, onnx_model, 
 
 
 def test_failure_after_quantizing_leaves_nothing(trained_run, onnx_model, tmp_path, monkeypatch):
-    import export.quantize as q
+    import explicam.export.quantize as q
 
     run, _ = trained_run
     fp32 = _copy_model(onnx_model, tmp_path)

@@ -94,8 +94,8 @@ def test_report_renders_in_headless_chromium(swept, tmp_path):
 
 
 def test_habitat_section_in_report(swept, tmp_path):
-    from evaluate.report import write_report
-    from evaluate.sweep import report_entry
+    from explicam.evaluate.report import write_report
+    from explicam.evaluate.sweep import report_entry
 
     run = swept[0] / "runs" / "k4"
     results = json.loads((run / "eval" / "metrics.json").read_text())

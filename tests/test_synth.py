@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from train import synth
+from explicam.train import synth
 
 SIZE, N_TRAIN, N_VAL = 64, 40, 20
 

@@ -14,11 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime import overlay as ov
-from runtime.capture import Source
-from runtime.mjpeg import MjpegServer
-from runtime.sinks import VideoFileSink
-from runtime.video import bench_video, explain_stream, run_stream
+from explicam.runtime import overlay as ov
+from explicam.runtime.video.capture import Source
+from explicam.runtime.video.mjpeg import MjpegServer
+from explicam.runtime.video.sinks import VideoFileSink
+from explicam.runtime.video import explain_stream, run_stream
+from explicam.runtime.video.bench import bench_video
 from tests.conftest import ROOT, run_cli
 
 
@@ -57,7 +58,7 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explainer(onnx_model):
-    from runtime import Explainer
+    from explicam.runtime import Explainer
     return Explainer(onnx_model, batch_size=1)
 
 
@@ -287,8 +288,8 @@ def test_serve_streams_the_explained_video_to_an_http_client(tmp_path, onnx_mode
 
 
 def test_the_capture_threads_fast_resize_is_the_models_resize():
-    from runtime.images import resize_rgb
-    from runtime.video import shrink_to_input
+    from explicam.runtime.images import resize_rgb
+    from explicam.runtime.video.loop import shrink_to_input
 
     rng = np.random.default_rng(0)
     for h, w, size in ((480, 640, 128), (720, 1280, 224), (120, 160, 64), (1080, 1920, 64)):
@@ -325,8 +326,8 @@ def test_cli_bench_video_prints_the_ratio_and_refuses_zero_rounds(onnx_model):
 def test_two_frames_in_flight_keep_a_files_order(tmp_path, onnx_model):
     # Two explain threads finish out of order; a file's frames must still come out in order,
     # every one of them, each the overlay of its own frame.
-    from runtime.capture import Source
-    from runtime.video import make_explainers
+    from explicam.runtime.video.capture import Source
+    from explicam.runtime.video.loop import make_explainers
 
     clip = write_clip(tmp_path / "moving.avi", 25)  # 25 distinct disc positions (the clip wraps at 28)
     source, _ = read_frames(clip)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.images import ImageError, list_images, read_image, resize_rgb
+from explicam.runtime.images import ImageError, list_images, read_image, resize_rgb
 
 TRAIN_NAMES = ("training", "train")
 VAL_NAMES = ("validation", "val")

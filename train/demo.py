@@ -16,7 +16,7 @@ REPORT_METHODS = ["gradcam", "gradcam++", "eigencam"]
 
 
 def _one_per_class(data: str) -> list:
-    from train.data import find_dataset
+    from explicam.train.data import find_dataset
 
     ds = find_dataset(data)
     labels = ds.val.labels.tolist()
@@ -24,11 +24,11 @@ def _one_per_class(data: str) -> list:
 
 
 def run_demo(data: str, image_size: int = 128, max_epochs: int = 15, log=print) -> dict:
-    from evaluate import run_report
-    from evaluate.sweep import ensure_export
-    from runtime.files import explain_files
-    from train import synth
-    from train.fit import TrainConfig, result_line, train
+    from explicam.evaluate import run_report
+    from explicam.evaluate.sweep import ensure_export
+    from explicam.runtime.files import explain_files
+    from explicam.train import synth
+    from explicam.train.fit import TrainConfig, result_line, train
 
     t0 = time.time()
     run_dir = os.path.join("runs", "k4")

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from train.data import find_dataset, load_images, make_augmenter, make_tf_dataset
+from explicam.train.data import find_dataset, load_images, make_augmenter, make_tf_dataset
 
 SUMMARY_FIGURES = ("epochs_run", "best_epoch", "wall_time_s", "final_val_accuracy", "best_val_accuracy", "params")
 
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, ver
     """Train (or resume, or recognise as already complete) one run; returns its summary."""
     import keras
 
-    from train.model import build_model
+    from explicam.train.model import build_model
 
     run_dir = run_dir or default_run_dir(cfg.kernel, cfg.head)
     ds = find_dataset(cfg.data, cfg.val_split, cfg.seed or 0)  # bad data first: the likelier mistake

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import cv2
 
-import camkernels
-from runtime import overlay as ov
-from runtime.capture import Capture, End, Mailbox, Source, open_capture
-from runtime.images import resize_rgb
-from runtime.sinks import ServeSink, VideoFileSink, WindowSink, no_display_reason
+from explicam import camkernels
+from explicam.runtime import overlay as ov
+from explicam.runtime.video.capture import Capture, End, Mailbox, Source, open_capture
+from explicam.runtime.images import resize_rgb
+from explicam.runtime.video.sinks import ServeSink, VideoFileSink, WindowSink, no_display_reason
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, 
 
 def make_explainers(model_path, in_flight: int = 2, kernels: str = "auto", threads: int | None = None) -> list:
     """`in_flight` Explainers sharing the cores (threads each: all cores / in_flight)."""
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     per = threads or max(1, (os.cpu_count() or 1) // max(1, in_flight))
     return [Explainer(model_path, kernels=kernels, threads=per, batch_size=1) for _ in range(max(1, in_flight))]
@@ -315,8 +315,8 @@ def explain_stream(source: Source, model=None, method="gradcam", target=None, sh
                    log=None) -> StreamResult:
     """What `cli.py explain --webcam/--video` runs: check everything, then the loop.
     in_flight: frames explained at once [default: 2 on a machine with 2 cores or more]."""
-    from runtime.methods import METHODS
-    from runtime.model import newest_model
+    from explicam.runtime.methods import METHODS
+    from explicam.runtime.model import newest_model
 
     log = log or (lambda msg: None)
     if method not in METHODS:
@@ -343,17 +343,3 @@ def explain_stream(source: Source, model=None, method="gradcam", target=None, sh
             s.close()
         raise
     return run_stream(source, explainer, method, target, sinks, alpha, colormap, max_frames, labels, cap=cap, log=log)
-
-
-def bench_video(model_path, frames: int = 3000, method: str = "gradcam", **options) -> dict:
-    """Loop FPS against the forward rate on a generated 640x480 clip: runtime/videobench.py.
-    Also: python -m runtime.video --bench MODEL [--frames N] [--rounds R] [--output]"""
-    from runtime.videobench import bench_video as run
-
-    return run(model_path, frames, method, **options)
-
-
-if __name__ == "__main__":
-    from runtime.videobench import main
-
-    main()

@@ -83,8 +83,20 @@ class VideoFileSink:
         return self.path
 
 
+def opencv_gui() -> str:
+    """The GUI backend OpenCV was built with ("NONE" for opencv-python-headless)."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:"):
+            return line.split(":", 1)[1].strip() or "NONE"
+    return "unknown"
+
+
 def no_display_reason() -> str | None:
     """Why a window cannot open here, or None when one probably can."""
+    if opencv_gui().upper() == "NONE":
+        # The base install is opencv-python-headless (boards and servers have no screen).
+        return ("this OpenCV build has no GUI (opencv-python-headless); for windows run: pip uninstall -y "
+                "opencv-python-headless && pip install opencv-python")
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return "no display here ($DISPLAY is not set: a headless machine or an SSH session without -X)"
     return None
@@ -126,7 +138,7 @@ class ServeSink:
     """Hands frames to the MJPEG server (runtime/mjpeg.py)."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", title: str = "explicam live"):
-        from runtime.mjpeg import MjpegServer
+        from explicam.runtime.video.mjpeg import MjpegServer
 
         self.server = MjpegServer(port, host, title)
         self.url = self.server.url

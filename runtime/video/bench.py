@@ -1,4 +1,4 @@
-"""`cli.py bench --video` / `python -m runtime.video --bench MODEL`: the whole video loop
+"""`cli.py bench --video` / `python -m explicam.runtime.video.bench --bench MODEL`: the whole video loop
 against the plain forward pass, measured in the same run, and memory along the way.
 
 The clip is generated (moving shapes on a textured 640x480 background, mp4v) so the
@@ -17,11 +17,11 @@ import time
 import cv2
 import numpy as np
 
-from runtime.bench import plain_forward_session
-from runtime.capture import Source
-from runtime.images import resize_rgb
-from runtime.sinks import NullSink, VideoFileSink
-from runtime.video import make_explainers, run_stream
+from explicam.runtime.bench import plain_forward_session
+from explicam.runtime.video.capture import Source
+from explicam.runtime.images import resize_rgb
+from explicam.runtime.video.sinks import NullSink, VideoFileSink
+from explicam.runtime.video.loop import make_explainers, run_stream
 
 
 def make_clip(path: str, frames: int, size=(640, 480), fps: float = 30.0) -> str:
@@ -91,7 +91,7 @@ def bench_video(model_path, frames: int = 3000, method: str = "gradcam", size=(6
     ratios that moved by as much as the drift. Rounds of ~1000 frames measure the steady
     state; at 200 frames each round's start and drain (threads, the first frames) cost a
     few percent of the rate."""
-    from runtime.explainer import Explainer
+    from explicam.runtime.explainer import Explainer
 
     log = log or (lambda msg: None)
     rounds = max(1, int(rounds))
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m runtime.video", description="Benchmark the video loop.")
+    parser = argparse.ArgumentParser(prog="python -m explicam.runtime.video.bench", description="Benchmark the video loop.")
     parser.add_argument("--bench", metavar="MODEL", required=True, help="ONNX model to benchmark")
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)

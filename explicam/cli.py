@@ -1,0 +1,373 @@
+"""explicam's command line: one verb per job.
+
+    python cli.py dataset synth --out data/synth     the built-in dataset, with object masks
+    python cli.py train --data data/synth --kernel 4 the seed network, into runs/k4/
+    python cli.py export --kernel 4                  runs/k4/model.onnx (+ --int8)
+    python cli.py explain photo.jpg --method gradcam heatmap overlays (also --webcam, --video)
+    python cli.py bench                              speed of every method vs the forward pass
+    python cli.py evaluate / sweep                   explanation metrics, the kernel-size report
+    python cli.py demo                               all of the above on the built-in dataset
+
+Each command parses its options, calls one function and prints; the work lives in the
+packages. TensorFlow is imported only by `train`, `export` and what calls them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from explicam.console import Progress, friendly
+from explicam.train import quiet_tensorflow
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the way
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="explicam", message="explicam %(version)s")
+def main():
+    """explicam: train CNNs, export them to ONNX, and explain every prediction with CAMs on CPU."""
+
+
+# ---------------------------------------------------------------------------- dataset
+@main.group()
+def dataset():
+    """Make or inspect datasets."""
+
+
+@dataset.command("synth")
+@click.option("--out", default="data/synth", show_default=True, help="Folder to create.")
+@click.option("--train", "n_train", default=1096, show_default=True, help="Training images (the seed's count).")
+@click.option("--val", "n_val", default=272, show_default=True, help="Validation images (the seed's count).")
+@click.option("--size", default=224, show_default=True, help="Image side in pixels.")
+@click.option("--classes", "num_classes", default=10, show_default=True, help="Number of classes (2..10).")
+@click.option("--habitat-bias", default=0.0, show_default=True,
+              help="Probability that the background style follows the class (a spurious cue).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the folder if it exists.")
+@friendly
+def dataset_synth(out, n_train, n_val, size, num_classes, habitat_bias, seed, force):
+    """Generate the built-in dataset: 10 shape classes on varied backgrounds, with object masks."""
+    from explicam.train import synth
+
+    with Progress(n_train + n_val, "generating") as bar:
+        info = synth.generate(out, n_train=n_train, n_val=n_val, size=size, num_classes=num_classes,
+                              habitat_bias=habitat_bias, seed=seed, force=force, progress=bar)
+    click.echo(f"wrote {info['n_train']} training and {info['n_val']} validation images of "
+               f"{len(info['classes'])} classes, with masks, to {out} in {info['seconds']:.1f}s")
+
+
+# ---------------------------------------------------------------------------- train
+def train_options(fn):
+    """The seed's training settings as options (shared by train and sweep)."""
+    opts = [
+        click.option("--data", required=True, type=click.Path(), help="Dataset folder (training/ and validation/ "
+                     "class subfolders, or Kaggle's 10 Monkey Species layout)."),
+        click.option("--image-size", default=224, show_default=True, help="Input side (multiple of 32)."),
+        click.option("--head", type=click.Choice(["flatten", "gap"]), default="flatten", show_default=True,
+                     help="flatten: the seed's head; gap: global average pooling (needed by classic CAM)."),
+        click.option("--batch-size", default=128, show_default=True),
+        click.option("--max-epochs", default=100, show_default=True),
+        click.option("--patience", default=20, show_default=True, help="EarlyStopping patience."),
+        click.option("--lr", "learning_rate", default=1e-3, show_default=True, help="RMSprop learning rate."),
+        click.option("--monitor", default="val_loss", show_default=True, help="Metric for best model / stopping."),
+        click.option("--dropout", default=0.2, show_default=True),
+        click.option("--val-split", default=0.2, show_default=True,
+                     help="Validation fraction when the data has no validation folder."),
+        click.option("--seed", type=int, default=None, help="Make the run repeatable."),
+        click.option("--flip/--no-flip", default=True, show_default=True, help="Augment: horizontal flips."),
+        click.option("--rotation", default=0.05, show_default=True, help="Augment: rotation, fraction of 2*pi."),
+        click.option("--zoom", default=0.1, show_default=True, help="Augment: zoom range."),
+        click.option("--translation", default=0.1, show_default=True, help="Augment: shift, fraction of the side."),
+        click.option("--contrast", default=0.1, show_default=True, help="Augment: contrast factor."),
+        click.option("--no-augment", is_flag=True, help="Turn all augmentation off."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def make_train_config(kernel, no_augment=False, **kw):
+    from explicam.train.fit import TrainConfig
+
+    if no_augment:
+        kw.update(flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
+    return TrainConfig(kernel=kernel, **kw)
+
+
+@main.command()
+@click.option("--kernel", default=4, show_default=True, help="Square kernel size of every convolution.")
+@train_options
+@click.option("--run-dir", default=None, help="Run folder [default: runs/k{KERNEL}].")
+@click.option("--fresh", is_flag=True, help="Delete the run folder's previous state and start over.")
+@friendly
+def train(kernel, run_dir, fresh, **kw):
+    """Train the seed CNN; killed and restarted with the same command, it resumes."""
+    quiet_tensorflow()
+    from explicam.train.fit import result_line, train as run_training
+
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in a log
+    summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh, verbose=verbose)
+    click.echo(result_line(summary))
+
+
+# ---------------------------------------------------------------------------- export
+@main.command()
+@click.option("--kernel", default=4, show_default=True, help="Export runs/k{KERNEL}/model.keras.")
+@click.option("--run-dir", default=None, help="Run folder holding model.keras.")
+@click.option("--model", "model_path", default=None, help="A .keras file anywhere.")
+@click.option("--layer", default="conv4", show_default=True, help="Feature layer the explanations use.")
+@click.option("--out", default=None, help="Output .onnx [default: model.onnx beside the Keras model].")
+@click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ quantization) and compare.")
+@click.option("--samples", default=8, show_default=True, help="Validation images for the parity check.")
+@friendly
+def export(kernel, run_dir, model_path, layer, out, int8, samples):
+    """Export a trained model to ONNX (features + exact gradients + head), checked against Keras."""
+    quiet_tensorflow()
+    from explicam.export.run import export_model
+
+    export_model(kernel, run_dir, model_path, layer, out, int8, samples, log=click.echo)
+
+
+# ---------------------------------------------------------------------------- explain
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
+@click.option("--method", default="gradcam", show_default=True,
+              help="gradcam, gradcam++, xgradcam, hirescam, layercam, scorecam, ablationcam, eigencam, cam; "
+                   "several comma-separated or 'all' for a grid (images only).")
+@click.option("--target", default=None, help="Class (name or index) to explain [default: the top-1 class].")
+@click.option("--out", default="out", show_default=True, help="Output folder for images (and default video).")
+@click.option("--top-k", default=3, show_default=True, help="Classes written on overlays and in predictions.csv.")
+@click.option("--alpha", default=0.5, show_default=True, help="Heatmap opacity over the photo (0..1).")
+@click.option("--colormap", default="jet", show_default=True,
+              help="jet, turbo, inferno, viridis, magma, plasma, hot or bone.")
+@click.option("--side-by-side", is_flag=True, help="Put the photo and its overlay next to each other.")
+@click.option("--heatmap", type=click.Choice(["png", "npy"]), default=None,
+              help="Also save the raw heatmap: 16-bit PNG or float32 .npy.")
+@click.option("--labels/--no-labels", default=True, show_default=True, help="Write predictions on the overlays.")
+@click.option("--batch-size", default=16, show_default=True, help="Images per onnxruntime call.")
+@click.option("--webcam", type=int, is_flag=False, flag_value=0, default=None,
+              help="Explain a camera live: --webcam (camera 0) or --webcam N.")
+@click.option("--video", default=None, help="Explain a video file (or an rtsp:// / http:// stream) frame by frame.")
+@click.option("--show", is_flag=True, help="Video: show the overlays in a window (q to quit).")
+@click.option("--output", default=None, help="Video: record the overlays to this .mp4/.avi (finished on Ctrl-C too).")
+@click.option("--serve", type=int, default=None, metavar="PORT",
+              help="Video: live view in a browser at http://HOST:PORT/ (MJPEG).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address --serve listens on; 0.0.0.0 to watch from other machines.")
+@click.option("--realtime", is_flag=True, help="Video file: play at its own speed, dropping frames like a camera.")
+@click.option("--max-frames", type=int, default=None, help="Video: stop after this many frames.")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads [default: all cores; video: half each, two frames in flight].")
+@friendly
+def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
+            batch_size, webcam, video, show, output, serve, host, realtime, max_frames, threads):
+    """Heatmaps for images and folders, video files and webcams.
+
+    \b
+      python cli.py explain photo.jpg photos/ --out out/    overlays + predictions.csv
+      python cli.py explain photos/ --method all             every method side by side
+      python cli.py explain --webcam --show                  live, in a window
+      python cli.py explain --video clip.mp4 --output o.mp4  every frame, recorded
+      python cli.py explain --webcam --serve 8080            live, in a browser
+    """
+    import contextlib
+
+    from explicam.runtime.video.capture import stream_source
+
+    source = stream_source(paths, webcam, video, realtime)
+    if source is not None:
+        from explicam.runtime.video.loop import explain_stream
+
+        res = explain_stream(source, model_path, method, target, show, output, serve, host, out, alpha, colormap,
+                             labels, max_frames, threads=threads, log=lambda m: click.echo(m, err=True))
+        click.echo(stream_summary(res))
+        return
+    if not paths:
+        raise click.UsageError("give images or folders, --video FILE or --webcam [N]")
+    from explicam.runtime.files import explain_files
+
+    with contextlib.ExitStack() as stack:
+        bars = []  # the bar starts once the folders are walked and the model is loaded
+
+        def on_start(r):
+            bars.append(stack.enter_context(Progress(r.total, "explaining")))
+        res = explain_files(paths, model_path, out, method, target, top_k, alpha, colormap, side_by_side, heatmap,
+                            labels, batch_size, threads=threads, progress=lambda n: bars[0](n), on_start=on_start)
+    for line in res.notes + [f"skipped {msg}" for msg in res.skipped]:
+        click.echo(line, err=True)
+    click.echo(f"explained {len(res.images)} image(s) with {', '.join(res.methods)} in {res.seconds:.1f}s: "
+               f"overlays and predictions.csv in {res.out}" + (f" ({len(res.skipped)} skipped)" if res.skipped else ""))
+    if res.interrupted:
+        click.echo("interrupted: the results so far are kept", err=True)
+        sys.exit(130)
+
+
+def stream_summary(res) -> str:
+    parts = [f"explained {res.frames} frame(s) of {res.source} in {res.seconds:.1f}s ({res.fps:.1f} FPS)"]
+    if res.dropped:
+        parts.append(f"{res.dropped} dropped to stay live")
+    if res.message:
+        parts.append(res.message)
+    parts += [f"wrote {path} ({n} frames)" for path, n in res.outputs]
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- bench
+@main.command()
+@click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
+@click.option("--methods", default=None, help="Comma-separated methods [default: all].")
+@click.option("--batches", default="1,32", show_default=True, help="Batch sizes to time.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--seconds", default=1.0, show_default=True, help="Minimum timing per row.")
+@click.option("--images", "images_dir", default=None, type=click.Path(),
+              help="Time on these images (a folder, e.g. data/synth/validation) [default: generated blobs].")
+@click.option("--out", default=None, help="Also write the table as Markdown to this file.")
+@click.option("--video", is_flag=True, help="Measure the whole video loop (frames/s) against the forward rate.")
+@click.option("--frames", default=3000, show_default=True, help="Frames for --video, over all rounds.")
+@click.option("--rounds", default=3, show_default=True,
+              help="--video: loop and forward pass take turns this many times; the median ratio is reported.")
+@friendly
+def bench(model_path, methods, batches, threads, seconds, images_dir, out, video, frames, rounds):
+    """Milliseconds per image of every method vs the plain forward pass, in one run."""
+    from explicam.runtime.model import newest_model
+
+    model_path = model_path or newest_model()
+    if video:
+        from explicam.runtime.video.bench import bench_video
+
+        if frames < 1 or rounds < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--frames" if frames < 1 else "--rounds")
+        result = bench_video(model_path, frames=frames, rounds=rounds, log=click.echo)
+        for key, value in result.items():
+            click.echo(f"{key:28s} {value}")
+        return
+    from explicam.runtime.bench import run_bench, to_markdown
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches")
+    images = None
+    if images_dir:
+        from explicam.runtime.images import list_images, read_image
+
+        files = list_images(images_dir)[::7][:max(sizes)]  # spread over the classes of a sorted folder
+        if len(files) < max(sizes):
+            raise click.BadParameter(f"{images_dir} has {len(files)} images at a stride of 7; need {max(sizes)}",
+                                     param_hint="--images")
+        images = [read_image(f) for f in files]
+    click.echo(f"benchmarking {model_path} (ms per image; ratio to the plain forward pass)")
+    from explicam.export.parity import keras_baseline_for
+
+    result = run_bench(model_path, methods.split(",") if methods else None, sizes, threads, images=images,
+                       min_seconds=seconds, log=click.echo, baselines=keras_baseline_for(model_path))
+    table = to_markdown(result)
+    click.echo("\n" + table)
+    if out:
+        with open(out + ".partial", "w") as f:
+            f.write(table + "\n")
+        os.replace(out + ".partial", out)
+
+
+# ---------------------------------------------------------------------------- evaluate / sweep
+def eval_options(fn):
+    """How explanations are measured (shared by evaluate and sweep)."""
+    opts = [
+        click.option("--methods", default="all", show_default=True,
+                     help="Comma-separated methods, or 'all' (every method the model supports)."),
+        click.option("--limit", type=int, default=None, help="Evaluate only the first N validation images "
+                     "(class-balanced) [default: all]."),
+        click.option("--steps", default=16, show_default=True, help="Deletion / insertion steps (RISE)."),
+        click.option("--deletion-baseline", type=click.Choice(["black", "blur"]), default="black", show_default=True,
+                     help="What deletion replaces pixels with (RISE: black)."),
+        click.option("--insertion-baseline", type=click.Choice(["blur", "black"]), default="blur", show_default=True,
+                     help="What insertion starts from (RISE: a blurred copy)."),
+        click.option("--eval-batch", default=128, show_default=True, help="Perturbed inputs per onnxruntime call."),
+        click.option("--scorecam-topk", type=int, default=None,
+                     help="Score-CAM on the K channels of largest variance only (faster) [default: all]."),
+        click.option("--sanity-images", default=16, show_default=True,
+                     help="Images for the randomisation test (needs TensorFlow and model.keras); 0 skips it."),
+        click.option("--target", type=click.Choice(["predicted", "label"]), default="predicted", show_default=True,
+                     help="Explain the predicted class or the true label."),
+        click.option("--tolerance", default=0, show_default=True, help="Pointing-game tolerance in pixels."),
+        click.option("--masks", default=None, type=click.Path(), help="Object masks folder with the dataset's "
+                     "layout (<split>/<class>/<stem>.png) [default: DATA/masks when present]."),
+        click.option("--boxes", default=None, type=click.Path(),
+                     help="Bounding boxes CSV: image,x_min,y_min,x_max,y_max (pixels of the image file)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def make_eval_config(methods, eval_batch, sanity_images, seed=None, threads=None, **kw):
+    from explicam.evaluate.evaluate import EvalConfig
+
+    chosen = None if methods in (None, "", "all") else [m.strip() for m in methods.split(",") if m.strip()]
+    if sanity_images > 0:
+        try:
+            quiet_tensorflow()  # the randomisation test rebuilds models; without TensorFlow it is skipped
+        except ImportError:
+            pass
+    return EvalConfig(methods=chosen, batch_size=eval_batch, sanity_images=sanity_images, seed=seed or 0,
+                      threads=threads, **kw)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(), help="An explicam model.onnx.")
+@click.option("--data", required=True, type=click.Path(), help="The dataset the model was trained on.")
+@eval_options
+@click.option("--out", default=None, help="Output folder [default: eval/ beside the model].")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random maps and tie-breaking.")
+@friendly
+def evaluate(model_path, data, out, **kw):
+    """Faithfulness, localisation and sanity metrics of every method, against a random baseline."""
+    from explicam.evaluate.evaluate import format_table, run_evaluation
+
+    results = run_evaluation(model_path, data, make_eval_config(**kw), out=out, log=click.echo)
+    click.echo("\n" + format_table(results))
+    click.echo(f"\nwrote {os.path.join(results['out'], 'metrics.csv')} and metrics.json")
+
+
+@main.command()
+@click.option("--kernels", default="2,4,8,16,32", show_default=True, help="Kernel sizes to compare.")
+@train_options
+@eval_options
+@click.option("--runs-dir", default="runs", show_default=True, help="Run folders go to RUNS_DIR/k{K}.")
+@click.option("--out", default="report", show_default=True, help="Report folder (index.html, report.md).")
+@friendly
+def sweep(kernels, data, runs_dir, out, methods, limit, steps, deletion_baseline, insertion_baseline, eval_batch,
+          scorecam_topk, sanity_images, target, tolerance, masks, boxes, **train_kw):
+    """The seed's kernel-size experiment: train, export and evaluate each kernel, then a report.
+    Stopped and restarted with the same command, it skips what is done."""
+    quiet_tensorflow()
+    from explicam.evaluate.sweep import parse_kernels, run_sweep
+
+    cfg = make_eval_config(methods, eval_batch, sanity_images, seed=train_kw.get("seed"), limit=limit, steps=steps,
+                           deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
+                           scorecam_topk=scorecam_topk, target=target, tolerance=tolerance, masks=masks, boxes=boxes)
+    path = run_sweep(data, parse_kernels(kernels), lambda k: make_train_config(k, data=data, **train_kw), cfg,
+                     runs_dir=runs_dir, out=out, log=click.echo)
+    click.echo(f"report: {path}")
+
+
+# ---------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--data", default="data/synth", show_default=True, help="Where the built-in dataset goes.")
+@click.option("--image-size", default=128, show_default=True)
+@click.option("--max-epochs", default=15, show_default=True)
+@friendly
+def demo(data, image_size, max_epochs):
+    """The whole walk on the built-in dataset: data, training, export, explanations, report."""
+    quiet_tensorflow()
+    from explicam.train import demo as demo_mod
+
+    demo_mod.run_demo(data, image_size=image_size, max_epochs=max_epochs, log=click.echo)
+
+
+if __name__ == "__main__":
+    main()
