@@ -5,6 +5,7 @@
     w = ck.channel_mean(grads)                    # Grad-CAM weights (N, C)
     cam = ck.relu(ck.weighted_sum(acts, w))       # (N, h, w)
     cam = ck.normalize_minmax(ck.upsample_bilinear(cam, 224, 224))
+    cam = ck.upsample_placed(cam, 224, 224, 16, 23, 16, 23)   # each cell at its receptive field's centre
 
 `BACKEND` is what the module-level functions use: "numba", or "numpy" when numba cannot be
 imported (a one-line notice goes to stderr once). `get("numba" | "numpy" | "auto")` returns
@@ -25,11 +26,12 @@ import numpy as np
 
 from explicam.camkernels import frames as _frames
 from explicam.camkernels import kernels as _k
+from explicam.camkernels import placement as _placement
 
 __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
     "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
-    "upsample_bilinear", "masked_inputs", "shrink_area",
+    "upsample_bilinear", "upsample_placed", "masked_inputs", "shrink_area",
 ]
 
 BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
@@ -66,6 +68,7 @@ def _build(backend):
         "channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
         "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs")}
     impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
+    impl["upsample_placed"] = getattr(_placement, f"upsample_placed_{'nb' if nb else 'np'}")
 
     def channel_mean(grads):
         """(N, h, w, C) -> (N, C): mean over pixels (Grad-CAM weights)."""
@@ -121,6 +124,18 @@ def _build(backend):
             raise ValueError(f"maps must not be empty, got shape {x.shape}")
         return impl["upsample_bilinear"](x, _size(out_h, "out_h"), _size(out_w, "out_w"))
 
+    def upsample_placed(maps, out_h, out_w, stride_y, offset_y, stride_x, offset_x):
+        """(N, h, w) -> (N, out_h, out_w) with cell j of each axis centred at output pixel
+        stride * j + offset (pixel p centred at p; export/geometry.py's convention),
+        bilinear in between, edge cells held beyond the outermost centres.
+        stride = out/in, offset = (stride - 1) / 2 is upsample_bilinear exactly."""
+        x = _f32(maps, "maps", 3)
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise ValueError(f"maps must not be empty, got shape {x.shape}")
+        sy, hy = _placement.scale_shift(stride_y, offset_y)
+        sx, hx = _placement.scale_shift(stride_x, offset_x)
+        return impl["upsample_placed"](x, _size(out_h, "out_h"), _size(out_w, "out_w"), sy, hy, sx, hx)
+
     def masked_inputs(image, masks, out=None):
         """Score-CAM batch (K, H, W, ch): image (H, W, ch) times each mask (K, H, W).
 
@@ -157,7 +172,7 @@ def _build(backend):
         backend=backend, channel_mean=channel_mean, weighted_sum=weighted_sum,
         gradcampp_weights=gradcampp_weights, xgradcam_weights=xgradcam_weights,
         grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
-        upsample_bilinear=upsample_bilinear, masked_inputs=masked_inputs,
+        upsample_bilinear=upsample_bilinear, upsample_placed=upsample_placed, masked_inputs=masked_inputs,
         shrink_area=shrink_area)
 
 
@@ -191,6 +206,7 @@ def warmup(ns=None) -> None:
     ns.xgradcam_weights(a, g)
     ns.grad_product_sum(a, g, True)
     m = ns.relu(ns.normalize_minmax(ns.upsample_bilinear(a[..., 0], 5, 4)))
+    ns.upsample_placed(a[..., 0], 5, 4, 2.0, 1.5, 2.0, 0.5)
     ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
     ns.shrink_area(np.zeros((7, 9, 3), np.uint8), 3, 4, True)
 
@@ -204,5 +220,6 @@ grad_product_sum = _auto.grad_product_sum
 relu = _auto.relu
 normalize_minmax = _auto.normalize_minmax
 upsample_bilinear = _auto.upsample_bilinear
+upsample_placed = _auto.upsample_placed
 masked_inputs = _auto.masked_inputs
 shrink_area = _auto.shrink_area

@@ -25,12 +25,15 @@ import numpy as np
 
 from explicam.evaluate import metrics as M
 from explicam.evaluate.inputs import first_per_class, habitat_groups, load_eval_set
+from explicam.evaluate.placements import effective_localisation, localisation_by_placement, placement_text
 from explicam.evaluate.sanity import compare_maps
 
 RANDOM = "random"
-COLUMNS = ("method", "images", "avg_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
-           "pointing_game", "energy_pointing_game", "object_share", "sanity_spearman", "sanity_flag", "explain_s")
-TIMED = ("explain", "drop_increase", "deletion_insertion", "localisation", "sanity")
+COLUMNS = ("method", "images", "placement", "avg_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
+           "pointing_game", "energy_pointing_game", "pointing_naive", "energy_naive", "pointing_geometric",
+           "energy_geometric", "pointing_effective", "energy_effective", "object_share", "sanity_spearman",
+           "sanity_flag", "explain_s")
+TIMED = ("explain", "drop_increase", "deletion_insertion", "localisation", "effective", "sanity")
 
 
 @dataclass
@@ -49,6 +52,8 @@ class EvalConfig:
     threads: int | None = None
     masks: str | None = None
     boxes: str | None = None
+    placement: str | None = None  # heatmaps for every metric; None: the model's default (geometric if known)
+    effective_images: int = 8     # images for the effective centres (needs TensorFlow, model.keras); 0 skips
 
     def key(self) -> dict:
         """What decides whether a saved evaluation can be reused."""
@@ -116,17 +121,19 @@ def json_safe(obj):
 
 
 def _explain_all(ex, x, method, targets, cfg, log):
-    """Heatmaps for every image, in chunks so that progress can be shown."""
+    """(heatmaps, cams) for every image, in chunks so that progress can be shown."""
     chunk = 32 if method == "scorecam" else 256
     tick = Ticker(f"{method}: explaining", len(x), log)
-    out = []
+    out, cams = [], []
     for s in range(0, len(x), chunk):
-        out.append(ex.explain(x[s:s + chunk], method, targets[s:s + chunk], batch_size=cfg.batch_size).heatmaps)
+        res = ex.explain(x[s:s + chunk], method, targets[s:s + chunk], batch_size=cfg.batch_size)
+        out.append(res.heatmaps)
+        cams.append(res.cams)
         tick(len(out[-1]))
-    return np.concatenate(out)
+    return np.concatenate(out), np.concatenate(cams)
 
 
-def _score(name, heat, ctx, cfg, timing, log) -> tuple[dict, dict]:
+def _score(name, heat, cams, ctx, cfg, timing, log) -> tuple[dict, dict]:
     """All non-sanity metrics of one method's heatmaps: (summary row, per-image arrays)."""
     model, x, t = ctx["model"], ctx["x"], ctx["targets"]
     idx = np.arange(len(x))
@@ -153,6 +160,9 @@ def _score(name, heat, ctx, cfg, timing, log) -> tuple[dict, dict]:
         per["energy"] = M.energy_pointing_game(heat, masks)
         row.update(pointing_game=M.nanmean(per["pointing"]), energy_pointing_game=M.nanmean(per["energy"]),
                    object_share=ctx["object_share"])
+        by_place = localisation_by_placement(ctx["explainer"], cams, masks, cfg.tolerance)
+        per.update(by_place)
+        row.update({k: M.nanmean(v) for k, v in by_place.items()})
     timing["localisation"] += time.time() - t0
     row["seconds"] = {k: round(timing[k] - before[k], 3) for k in ("drop_increase", "deletion_insertion",
                                                                     "localisation")}
@@ -180,7 +190,8 @@ def _sanity(model_path, model, x, targets, kept, methods, cfg, log) -> dict:
         return {"skipped": "turned off (--sanity-images 0)"}
     try:
         return randomisation_test(model_path, model.meta, x, targets, {m: kept[m] for m in methods},
-                                  {"threads": cfg.threads, "batch_size": 32, "scorecam_topk": cfg.scorecam_topk},
+                                  {"threads": cfg.threads, "batch_size": 32, "scorecam_topk": cfg.scorecam_topk,
+                                   "placement": cfg.placement},
                                   {"batch_size": cfg.batch_size}, cfg.seed, log)
     except SanitySkipped as exc:
         log(f"  sanity: skipped: {exc}")
@@ -207,7 +218,8 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
         raise ValueError("--steps must be >= 2, --eval-batch >= 1 and --limit >= 1")
     start, timing = time.time(), {k: 0.0 for k in TIMED}
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "eval")
-    ex = Explainer(model_path, threads=cfg.threads, batch_size=32, scorecam_topk=cfg.scorecam_topk)
+    ex = Explainer(model_path, threads=cfg.threads, batch_size=32, scorecam_topk=cfg.scorecam_topk,
+                   placement=cfg.placement)
     model = ex.model
     methods = list(cfg.methods or default_methods(model.head_kind))
     if not cfg.methods and "cam" not in methods:
@@ -232,33 +244,40 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
     bases = tuple(M.baseline_images(x, model.value_range, kind) for kind in (cfg.deletion_baseline,
                                                                              cfg.insertion_baseline))
     base_probs = [model.probabilities(b, cfg.batch_size) for b in bases]
-    ctx = {"model": model, "x": x, "targets": targets, "bases": bases, "masks": es.masks,
+    ctx = {"model": model, "explainer": ex, "x": x, "targets": targets, "bases": bases, "masks": es.masks,
            "p_orig": probs[idx, targets].astype(np.float64),
            "p_bases": tuple(p[idx, targets].astype(np.float64) for p in base_probs),
            "object_share": M.nanmean(M.object_share(es.masks)) if es.masks is not None else float("nan")}
     sanity_idx = np.arange(min(cfg.sanity_images, len(x)))  # balanced: the set is in round-robin order
     example_idx = first_per_class(es.labels)
-    rows, per_method, kept, examples = [], {}, {}, {}
+    rows, per_method, kept, examples, example_cams, all_cams = [], {}, {}, {}, {}, {}
     for name in methods + [RANDOM]:
         t0 = time.time()
         if name == RANDOM:
-            heat = M.random_heatmaps(len(x), model.feature_shape[:2], model.input_size, cfg.seed, ex.k)
+            cams = M.random_cams(len(x), model.feature_shape[:2], cfg.seed)
+            heat = ex.heatmaps(cams)
         else:
-            heat = _explain_all(ex, x, name, targets, cfg, log)
+            heat, cams = _explain_all(ex, x, name, targets, cfg, log)
         spent = time.time() - t0
         timing["explain"] += spent if name != RANDOM else 0.0
-        row, per = _score(name, heat, ctx, cfg, timing, log)
+        row, per = _score(name, heat, cams, ctx, cfg, timing, log)
+        row["placement"] = ex.placement
         row["explain_s"] = round(spent, 3)
         row["seconds"]["explain"] = round(spent, 3)
         rows.append(row)
         per_method[name] = per
         kept[name] = heat[sanity_idx]
         examples[name] = heat[example_idx].astype(np.float16)
+        example_cams[name] = cams[example_idx].astype(np.float32)  # to redraw under another placement
+        all_cams[name] = cams
         log(f"  {name}: done in {time.time() - t0:.1f}s")
+    t0 = time.time()
+    effective = effective_localisation(model_path, ex, x, all_cams, rows, per_method, es.masks, cfg, log)
+    timing["effective"] = time.time() - t0
     t0 = time.time()
     sanity = _sanity(model_path, model, x[sanity_idx], targets[sanity_idx], kept, methods, cfg, log)
     if "methods" in sanity:  # chance: two independent random map sets
-        other = M.random_heatmaps(len(sanity_idx), model.feature_shape[:2], model.input_size, cfg.seed + 1, ex.k)
+        other = ex.heatmaps(M.random_cams(len(sanity_idx), model.feature_shape[:2], cfg.seed + 1))
         sanity["methods"][RANDOM] = {"chance_rho": round(compare_maps(kept[RANDOM], other)[0], 4)}
     timing["sanity"] = time.time() - t0
     for row in rows:
@@ -269,7 +288,9 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
     results = {
         "model": os.path.abspath(model_path), "data": os.path.abspath(data), "kernel": model.kernel,
         "input_size": model.input_size, "head": model.head_kind, "class_names": model.class_names,
-        "images": len(x), "skipped_images": es.skipped, "mask_source": es.mask_source,
+        "images": len(x), "placement": ex.placement, "geometry": ex.geometry, "effective": effective,
+        "skipped_images": es.skipped,
+        "mask_source": es.mask_source,
         "accuracy": float(correct.mean()), "settings": cfg.key(), "methods": methods, "rows": rows,
         "chance": {"object_share": ctx["object_share"], "pointing_game": ctx["object_share"],
                    "energy_pointing_game": ctx["object_share"],
@@ -282,12 +303,12 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
         "sanity": sanity, "habitat": _habitat(habitat_groups(es), per_method, correct),
         "timing_s": {k: round(v, 2) for k, v in timing.items()}, "total_s": round(time.time() - start, 2),
     }
-    _save(out, results, es, per_method, examples, example_idx, preds, probs)
+    _save(out, results, es, per_method, examples, example_idx, preds, probs, example_cams)
     results["out"] = out
     return results
 
 
-def _save(out, results, es, per_method, examples, example_idx, preds, probs) -> None:
+def _save(out, results, es, per_method, examples, example_idx, preds, probs, example_cams=None) -> None:
     os.makedirs(out, exist_ok=True)
     _write_atomic(os.path.join(out, "metrics.csv"), _csv_text(results["rows"], COLUMNS))
     _write_atomic(os.path.join(out, "metrics.json"), json.dumps(json_safe(results), indent=1, allow_nan=False))
@@ -304,7 +325,8 @@ def _save(out, results, es, per_method, examples, example_idx, preds, probs) -> 
                         confidence=probs[example_idx].max(axis=1),
                         masks=es.masks[example_idx] if es.masks is not None else np.zeros(0),
                         images=es.images[example_idx], methods=np.array(list(examples)),
-                        **{f"heat_{m}": h for m, h in examples.items()})
+                        **{f"heat_{m}": h for m, h in examples.items()},
+                        **{f"cam_{m}": c for m, c in (example_cams or {}).items()})
     os.replace(tmp, os.path.join(out, "examples.npz"))
 
 
@@ -312,8 +334,14 @@ def format_table(results: dict) -> str:
     """The printed summary: one line per method, the random row last."""
     cols = [("method", "method", "{}"), ("avg_drop", "AvgDrop%↓", "{:.1f}"), ("increase_in_confidence", "IncConf%↑",
             "{:.1f}"), ("deletion_auc", "Del↓", "{:.3f}"), ("insertion_auc", "Ins↑", "{:.3f}"),
-            ("pointing_game", "Point↑", "{:.3f}"), ("energy_pointing_game", "Energy↑", "{:.3f}"),
-            ("sanity_spearman", "Sanity ρ↓", "{:+.2f}"), ("sanity_flag", "", "{}"), ("explain_s", "time s", "{:.1f}")]
+            ("pointing_game", "Point↑", "{:.3f}"), ("energy_pointing_game", "Energy↑", "{:.3f}")]
+    other = "naive" if results.get("placement") != "naive" else "geometric"
+    if any(f"pointing_{other}" in r for r in results["rows"]):  # the other placement, side by side
+        cols += [(f"pointing_{other}", f"Point {other}", "{:.3f}"), (f"energy_{other}", f"Energy {other}", "{:.3f}")]
+    if any("pointing_effective" in r for r in results["rows"]):
+        cols += [("pointing_effective", "Point eff.", "{:.3f}"), ("energy_effective", "Energy eff.", "{:.3f}")]
+    cols += [("sanity_spearman", "Sanity ρ↓", "{:+.2f}"), ("sanity_flag", "", "{}"),
+             ("explain_s", "time s", "{:.1f}")]
     lines = [[h for _, h, _ in cols]]
     for r in results["rows"]:
         cells = []
@@ -324,13 +352,20 @@ def format_table(results: dict) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     text = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
-    notes = [f"{results['images']} images, accuracy {results['accuracy']:.1%}, masks: {results['mask_source']}"]
+    notes = [f"{results['images']} images, accuracy {results['accuracy']:.1%}, masks: {results['mask_source']}, "
+             f"heatmaps placed {placement_text(results)}"]
     if not np.isnan(results["chance"]["object_share"]):
         notes.append(f"chance (uniform map) for Point and Energy: {results['chance']['object_share']:.3f}; "
                      f"Energy of the mask itself at the CAM's resolution: {results['chance']['energy_ceiling']:.3f}")
     notes.append("baselines: " + "; ".join(
         f"{name} {'ends on' if name == 'deletion' else 'starts from'} {b['kind']} images (p = {b['mean_probability']:.2f}"
         f", {b['keeps_class']:.0%} still classified as the explained class)" for name, b in results["baselines"].items()))
+    eff = results.get("effective") or {}
+    if "stride" in eff:
+        notes.append(f"effective centres (mean |d cell / d image|, {eff['images']} images): {eff['stride'][0]:.2f} j + "
+                     f"{eff['offset'][0]:.1f} px" + (f", {eff['from_geometric_px'][0]:+.1f} px (y) and "
+                     f"{eff['from_geometric_px'][1]:+.1f} px (x) from the geometric centres"
+                     if "from_geometric_px" in eff else ""))
     if "skipped" in results["sanity"]:
         notes.append(f"sanity: skipped: {results['sanity']['skipped']}")
     notes.append("time per metric: " + ", ".join(f"{k} {v:.1f}s" for k, v in results["timing_s"].items()))

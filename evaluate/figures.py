@@ -61,6 +61,43 @@ def kernel_grid(per_kernel: dict, method: str, class_names: list, tile: int = 16
     return grid(tiles, titles, cols=len(per_kernel) + 1 + int(has_masks), tile=tile)
 
 
+def placed_heatmaps(cams: np.ndarray, geometry: dict | None, size_hw) -> dict:
+    """{"naive": heatmaps, "geometric": heatmaps} of (n, h, w) cams at the input size, as the
+    runtime draws them (camkernels.upsample_placed); "geometric" only with a geometry."""
+    from explicam import camkernels
+    from explicam.runtime import placement
+
+    out = {}
+    for place in ("naive", "geometric") if geometry else ("naive",):
+        p = placement.params(place, geometry, size_hw, cams.shape[1:3])
+        out[place] = camkernels.normalize_minmax(camkernels.upsample_placed(cams, *size_hw, *p))
+    return out
+
+
+def placement_grid(per_kernel: dict, method: str, tile: int = 200) -> np.ndarray:
+    """One row per kernel: the photo with the object outlined, then `method`'s heatmap placed
+    naively (stretched) and geometrically (each cell at its receptive field's centre), the
+    outline drawn over both. per_kernel = {kernel: (examples dict, geometry)}; the image is
+    the first example the kernel classified correctly (else the first)."""
+    tiles, titles = [], []
+    for k, (ex, geometry) in per_kernel.items():
+        ok = np.flatnonzero(ex["predicted"] == ex["labels"])
+        i = int(ok[0]) if len(ok) else 0
+        img, cams = ex["images"][i], ex[f"cam_{method}"][i:i + 1]
+        masks = ex["masks"]
+        mask = masks[i] if masks.ndim == 3 and len(masks) == len(ex["images"]) else None
+        tiles.append(mask_tile(img, mask) if mask is not None else img)
+        titles.append(f"k{k}")
+        for place, heat in placed_heatmaps(cams, geometry, img.shape[:2]).items():
+            tile_img = overlay(img, heat[0])
+            if mask is not None:
+                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(tile_img, contours, -1, (255, 255, 255), max(1, img.shape[0] // 112))
+            tiles.append(tile_img)
+            titles.append(f"k{k} {method} {place}")
+    return grid(tiles, titles, cols=3, tile=tile)
+
+
 def svg_lines(series: dict, title: str, xlabel: str, ylabel: str, width: int = 560, height: int = 300,
               y_range=(0.0, 1.0)) -> str:
     """A line chart as standalone SVG text. series = {label: [(x, y), ...]}."""

@@ -246,9 +246,13 @@ def random_heatmaps(n: int, feature_hw, size: int, seed: int = 0, k=None) -> np.
     from explicam import camkernels
 
     k = k or camkernels.get()
+    return k.normalize_minmax(k.upsample_bilinear(random_cams(n, feature_hw, seed), size, size))
+
+
+def random_cams(n: int, feature_hw, seed: int = 0) -> np.ndarray:
+    """Uniform noise at the feature map's resolution (N, h, w): the chance row's CAMs."""
     h, w = feature_hw
-    cams = np.random.default_rng(seed).random((n, h, w), dtype=np.float32)
-    return k.normalize_minmax(k.upsample_bilinear(cams, size, size))
+    return np.random.default_rng(seed).random((n, h, w), dtype=np.float32)
 
 
 def mask_at_cam_resolution(masks: np.ndarray, feature_hw, k=None) -> np.ndarray:

@@ -52,21 +52,68 @@ def _fmt(v, fmt="{:.3f}"):
 
 
 # ---------------------------------------------------------------- blocks
-def _seed_table(entries, size):
-    head = ["kernel", "epochs run", "best epoch", "wall time", "final val. accuracy", "best val. accuracy",
-            "parameters", "receptive field of conv4", "RF / image side"]
+PLACES = ("naive", "geometric")
+
+
+def _headline(e) -> dict:
+    """The row of the kernel's first method (the one the seed table and the pictures show)."""
+    method = e["results"]["methods"][0]
+    return next(r for r in e["results"]["rows"] if r["method"] == method)
+
+
+def _shift(e) -> float:
+    """How far (px, along y) geometric placement puts cells from where the naive stretch draws them."""
+    g = e["results"].get("geometry")
+    if not g or not g.get("feature_size") or not g["feature_size"][0] or not g["input_size"][0]:
+        return float("nan")
+    naive_stride = g["input_size"][0] / g["feature_size"][0]
+    return g["offset"][0] - (naive_stride - 1) / 2
+
+
+def _effective_table(entries) -> list:
+    """Per kernel: the geometric map, the measured effective one and how far apart they are."""
     rows = []
     for e in entries:
-        s, rf = e["summary"], receptive_field(e["kernel"])
+        g, eff, r = e["results"].get("geometry"), e["results"].get("effective") or {}, _headline(e)
+        if not g or "stride" not in eff:
+            continue
+        rows.append([e["kernel"], f"{g['stride'][0]:g} j + {g['offset'][0]:g}",
+                     f"{eff['stride'][0]:.2f} j + {eff['offset'][0]:.1f} (y), {eff['stride'][1]:.2f} j + "
+                     f"{eff['offset'][1]:.1f} (x)",
+                     ", ".join(f"{v:+.1f}" for v in eff.get("from_geometric_px", [])) or "-",
+                     _fmt(r.get("energy_effective")), _fmt(r.get("pointing_effective"))])
+    if not rows:
+        return []
+    n = next(e["results"]["effective"]["images"] for e in entries if "stride" in (e["results"].get("effective") or {}))
+    method = entries[0]["results"]["methods"][0]
+    return [("p", f"Effective centres: the mean position of |d cell / d image| over {n} validation images "
+                  "(TensorFlow, model.keras), fitted as stride * j + offset over the inner cells; the theoretical "
+                  "field is a bound, the trained weights decide where inside it a cell looks (Luo et al. 2016)."),
+            ("table", ["kernel", "geometric centre (px)", "effective centre (px)",
+                       "effective - geometric, inner cells (y, x px)", f"{method} energy, effective",
+                       f"{method} pointing, effective"], rows, None)]
+
+
+def _seed_table(entries, size):
+    method = entries[0]["results"]["methods"][0]
+    head = ["kernel", "epochs run", "best epoch", "wall time", "final val. accuracy", "best val. accuracy",
+            "parameters", "receptive field of conv4", "RF / image side", "geometric - naive (px)"]
+    head += [f"{method} {what} {p}" for what in ("energy", "pointing") for p in PLACES]
+    rows = []
+    for e in entries:
+        s, rf, r = e["summary"], receptive_field(e["kernel"]), _headline(e)
         rows.append([f"{e['kernel']}x{e['kernel']}", f"{s['epochs_run']}/{s['max_epochs']}", s["best_epoch"],
                      s.get("wall_time", f"{s['wall_time_s']:.0f}s"), f"{s['final_val_accuracy']:.2%}",
-                     f"{s['best_val_accuracy']:.2%}", f"{s['params']:,}", f"{rf} px", f"{rf / size:.2f}"])
+                     f"{s['best_val_accuracy']:.2%}", f"{s['params']:,}", f"{rf} px", f"{rf / size:.2f}",
+                     _fmt(_shift(e), "{:+.1f}")]
+                    + [_fmt(r.get(f"{what}_{p}")) for what in ("energy", "pointing") for p in PLACES])
     return ("table", head, rows, None)
 
 
 METRIC_COLS = [("avg_drop", "Avg Drop % ↓", "{:.1f}"), ("increase_in_confidence", "Incr. Conf. % ↑", "{:.1f}"),
                ("deletion_auc", "Deletion AUC ↓", "{:.3f}"), ("insertion_auc", "Insertion AUC ↑", "{:.3f}"),
                ("pointing_game", "Pointing ↑", "{:.3f}"), ("energy_pointing_game", "Energy on object ↑", "{:.3f}"),
+               ("pointing_naive", "Pointing, naive", "{:.3f}"), ("energy_naive", "Energy, naive", "{:.3f}"),
                ("sanity_spearman", "Sanity ρ ↓", "{:+.2f}"), ("sanity_flag", "sanity", "{}")]
 
 
@@ -126,8 +173,21 @@ def _habitat_blocks(entries):
             ("table", head, rows, None)]
 
 
-def _findings(entries, chance):
+def _placement_findings(entries) -> list:
     lines = []
+    for e in entries:
+        r = _headline(e)
+        if not all(math.isfinite(_num(r.get(f"{w}_{p}"))) for w in ("energy", "pointing") for p in PLACES):
+            continue
+        lines.append(f"Kernel {e['kernel']}: drawing each cell at its receptive field's centre "
+                     f"({_shift(e):+.1f} px from the naive stretch, both axes) moves {r['method']}'s energy on the "
+                     f"object from {r['energy_naive']:.2f} to {r['energy_geometric']:.2f} and its pointing game "
+                     f"from {r['pointing_naive']:.2f} to {r['pointing_geometric']:.2f}.")
+    return lines
+
+
+def _findings(entries, chance):
+    lines = _placement_findings(entries)
     best = max(entries, key=lambda e: e["summary"]["final_val_accuracy"])
     lines.append(f"Best final validation accuracy: kernel {best['kernel']} "
                  f"({best['summary']['final_val_accuracy']:.2%}).")
@@ -192,6 +252,22 @@ def build_blocks(entries, context):
     blocks += [("img", f"figures/heatmaps_k{e['kernel']}.png", f"kernel {e['kernel']}: every method") for e in entries]
     if len(entries) > 1:
         blocks.append(("img", "figures/by_kernel.png", f"{entries[0]['results']['methods'][0]} for every kernel"))
+    placed = [e for e in entries if _placeable(e)]
+    if placed:
+        used = entries[0]["results"].get("placement", "naive")
+        shifts = ", ".join(f"k{e['kernel']} {_shift(e):+.1f} px" for e in placed)
+        blocks += [("h2", "Where the heatmap is drawn"),
+                   ("p", f"The metrics above use the {html.escape(str(used))} placement. Geometric: each cell of the "
+                         "conv4 map drawn at the centre of its receptive field, computed at export from the graph "
+                         "(kernel, stride, pads and dilation of every layer). Naive: the map stretched over the "
+                         "image, as most CAM code does. Geometric minus naive, along both axes: "
+                         f"{shifts} (TensorFlow's <code>same</code> padding with an even kernel pads one more row "
+                         "after than before, so every convolution looks half a cell further on). Pointing and "
+                         "energy are given under both; Score-CAM's masks themselves stay naive, as in the "
+                         "authors' code."),
+                   *_effective_table(entries),
+                   ("img", "figures/placement.png", f"{entries[0]['results']['methods'][0]}, one image per kernel: "
+                    "naive (middle) beside geometric (right), the object outlined")]
     blocks += [("h2", "Time per metric"), _timing_table(entries),
                ("p", "Seconds of CPU wall time; forward passes are batched through onnxruntime.")]
     return blocks
@@ -259,6 +335,10 @@ def _write_text(path, text):
     os.replace(tmp, path)
 
 
+def _placeable(e) -> bool:
+    return bool(e["results"].get("geometry")) and f"cam_{e['results']['methods'][0]}" in e["examples"]
+
+
 def write_figures(entries, fig_dir, chance) -> None:
     os.makedirs(fig_dir, exist_ok=True)
     series = {f"kernel {e['kernel']}": [(r["epoch"], r["val_accuracy"]) for r in e["history"]] for e in entries}
@@ -279,6 +359,10 @@ def write_figures(entries, fig_dir, chance) -> None:
         per_kernel = {e["kernel"]: e["examples"] for e in entries if f"heat_{method}" in e["examples"]}
         save_png(os.path.join(fig_dir, "by_kernel.png"),
                  figures.kernel_grid(per_kernel, method, entries[0]["results"]["class_names"]))
+    placed = {e["kernel"]: (e["examples"], e["results"]["geometry"]) for e in entries if _placeable(e)}
+    if placed:
+        save_png(os.path.join(fig_dir, "placement.png"),
+                 figures.placement_grid(placed, entries[0]["results"]["methods"][0]))
 
 
 def write_report(out_dir: str, entries: list, context: dict) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shlex
 import sys
@@ -26,7 +27,9 @@ import threading
 import time
 
 from explicam.evaluate.evaluate import EvalConfig, run_evaluation
+from explicam.evaluate.grid import SweepGrid, grid_plan
 from explicam.evaluate.report import load_examples, write_report
+from explicam.train.lock import hold_run_folders
 
 CHANNELS = (3, 16, 32, 64, 128, 256)
 
@@ -79,39 +82,41 @@ class Eta:
 
     def __init__(self, plan, size, eval_images):
         self.plan, self.size, self.eval_images = plan, size, eval_images
-        self.epoch_cost, self.eval_cost = {}, {}  # kernel -> seconds per epoch / per evaluation
+        self.epoch_cost, self.eval_cost = {}, {}  # run folder -> seconds per epoch / per evaluation
+        # every run's multiply-accumulates (kernel and image size), to scale between runs
+        self.macs = {run_dir: conv_macs(kernel, getattr(cfg, "image_size", size)) for kernel, run_dir, cfg in plan}
 
     def measure(self):
         for kernel, run_dir, _ in self.plan:
             st = run_state(run_dir)
             if st and st.get("epoch"):
-                self.epoch_cost[kernel] = st["wall_time_s"] / st["epoch"]
+                self.epoch_cost[run_dir] = st["wall_time_s"] / st["epoch"]
             res = _read_json(os.path.join(run_dir, "eval", "metrics.json"))
             if res and res.get("total_s"):
-                self.eval_cost[kernel] = res["total_s"]
+                self.eval_cost[run_dir] = res["total_s"]
 
-    def _scaled(self, table, kernel):
-        if kernel in table:
-            return table[kernel]
+    def _scaled(self, table, run_dir):
+        if run_dir in table:
+            return table[run_dir]
         if not table:
             return None
-        ref = min(table, key=lambda k: abs(k - kernel))
-        return table[ref] * conv_macs(kernel, self.size) / conv_macs(ref, self.size)
+        ref = min(table, key=lambda r: abs(math.log(self.macs[r] / self.macs[run_dir])))
+        return table[ref] * self.macs[run_dir] / self.macs[ref]
 
     def left(self, done: set) -> str:
         """'~12 min' (upper bound) or 'estimated after the first epoch'."""
         self.measure()
         total = 0.0
         for kernel, run_dir, cfg in self.plan:
-            if kernel in done:
+            if run_dir in done:
                 continue
             st = run_state(run_dir) or {}
             if not st.get("complete"):
-                per_epoch = self._scaled(self.epoch_cost, kernel)
+                per_epoch = self._scaled(self.epoch_cost, run_dir)
                 if per_epoch is None:
                     return "estimated after the first epoch"
                 total += max(0, cfg.max_epochs - st.get("epoch", 0)) * per_epoch
-            per_eval = self._scaled(self.eval_cost, kernel)
+            per_eval = self._scaled(self.eval_cost, run_dir)
             total += per_eval if per_eval is not None else 0.0
         return f"~{total / 60:.0f} min at most" if total >= 60 else f"~{total:.0f} s at most"
 
@@ -168,9 +173,13 @@ def report_entry(kernel: int, run_dir: str, results: dict) -> dict:
     summary = _read_json(os.path.join(run_dir, "summary.json"))
     if summary is None:
         raise ValueError(f"{run_dir} has no summary.json: train it to the end first")
+    config = summary.get("config") or {}
     return {"kernel": kernel, "summary": summary, "history": _history(run_dir), "results": results,
             "examples": load_examples(os.path.join(results["out"], "examples.npz")),
-            "curves": curves if os.path.isfile(curves) else None}
+            "curves": curves if os.path.isfile(curves) else None,
+            # the run's point in a grid sweep (evaluate/grid.py, evaluate/study.py)
+            "run_dir": run_dir, "seed": config.get("seed"), "size": summary.get("image_size", results["input_size"]),
+            "data": summary.get("data", results.get("data"))}
 
 
 def _command() -> str:
@@ -202,14 +211,32 @@ def parse_kernels(text: str) -> list:
     return kernels
 
 
-def run_sweep(data: str, kernels, make_config, eval_cfg: EvalConfig, runs_dir: str = "runs", out: str = "report",
-              log=print, command: str | None = None) -> str:
-    """Train, export and evaluate every kernel (skipping what is done), then report.
-    make_config(kernel) -> train.fit.TrainConfig. Returns the report's HTML path."""
-    from explicam.train.fit import default_run_dir, result_line, train
+def sweep_run_dirs(runs_dir: str, kernels, head: str = "flatten") -> list:
+    """The run folder of each kernel: RUNS_DIR/k{K} (k{K}_gap for the gap head)."""
+    from explicam.train.fit import default_run_dir
 
-    configs = {k: make_config(k) for k in kernels}
-    plan = [(k, os.path.join(runs_dir, os.path.basename(default_run_dir(k, c.head))), c) for k, c in configs.items()]
+    return [os.path.join(runs_dir, os.path.basename(default_run_dir(k, head))) for k in kernels]
+
+
+def run_sweep(data: str, kernels, make_config, eval_cfg: EvalConfig, runs_dir: str = "runs", out: str = "report",
+              log=print, command: str | None = None, grid: SweepGrid | None = None) -> str:
+    """Train, export and evaluate every kernel (skipping what is done), then report.
+    make_config(kernel) -> train.fit.TrainConfig. Returns the report's HTML path.
+    grid: seeds, image sizes and datasets per kernel (evaluate/grid.py); make_config then
+    also takes the overrides image_size=, seed=, data=.
+    Every run folder is locked for the whole sweep: a second sweep stops at once."""
+    if grid is None:
+        configs = {k: make_config(k) for k in kernels}
+        plan = [(k, sweep_run_dirs(runs_dir, [k], c.head)[0], c) for k, c in configs.items()]
+    else:
+        plan = grid_plan(runs_dir, kernels, grid, make_config)
+    with hold_run_folders([run_dir for _, run_dir, _ in plan], "sweep"):
+        return _run_plan(plan, data, eval_cfg, out, log, command)
+
+
+def _run_plan(plan: list, data: str, eval_cfg: EvalConfig, out: str, log, command) -> str:
+    from explicam.train.fit import result_line, train
+
     check_runs(plan)
     eta = Eta(plan, plan[0][2].image_size, eval_cfg.limit)
     done, entries, command = set(), [], command or _command()
@@ -226,8 +253,8 @@ def run_sweep(data: str, kernels, make_config, eval_cfg: EvalConfig, runs_dir: s
                 watcher.stop.set()
             log(result_line(summary))
         t0 = time.time()
-        results = ensure_evaluation(ensure_export(run_dir, log), data, eval_cfg, log)
-        done.add(kernel)
+        results = ensure_evaluation(ensure_export(run_dir, log), getattr(cfg, "data", data), eval_cfg, log)
+        done.add(run_dir)
         entries.append(report_entry(kernel, run_dir, results))
         path = write_report(out, entries, {"data": data, "image_size": cfg.image_size, "command": command})
         log(f"[sweep] kernel {kernel} done ({time.time() - t0:.0f}s export + evaluation); report so far: {path}")

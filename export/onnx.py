@@ -53,82 +53,55 @@ def load_keras_model(path: str):
         raise ExportError(f"cannot load Keras model {path}: {first}") from None
 
 
-def split_at_layer(model, layer_name: str = "conv4"):
-    """(body: image -> features, head_layers: the chain after the feature layer)."""
-    import keras
-
-    names = [layer.name for layer in model.layers]
-    if layer_name not in names:
-        convs = [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
-        raise ExportError(f"model has no layer named '{layer_name}'; its convolution layers are: "
-                          f"{', '.join(convs) or 'none'}; pass --layer NAME")
-    feature_layer = model.get_layer(layer_name)
-    head = model.layers[names.index(layer_name) + 1:]
-    # The head must be a plain chain: each layer fed by the previous one.
-    prev = feature_layer
-    for layer in head:
-        if layer.input is not prev.output:
-            raise ExportError(f"layer '{layer.name}' is not fed by '{prev.name}': only a single chain of "
-                              "layers after the feature layer can be exported")
-        prev = layer
-    body = keras.Model(model.inputs, feature_layer.output, name="body")
-    return body, head
-
-
-def _convert(fn, signature, opset: int):
-    import tf2onnx
-
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=signature, opset=opset)
-    return proto
-
-
 def build_onnx(model, layer_name: str = "conv4", opset: int = OPSET):
-    """Return (main ModelProto, head ModelProto) for a Keras classifier."""
-    import tensorflow as tf
+    """Return (main ModelProto, head ModelProto) for a Keras classifier.
 
-    from explicam.export.gradients import check_head, head_forward_and_grad
+    One gradient mechanism for every model: tf2onnx writes the forward graph alone (with
+    the feature layer's output exposed), and explicam's ONNX differentiation
+    (export/autodiff.py) adds `grads`, `target`, `features`, exactly as for a file from
+    PyTorch. The seed's head is one more graph."""
+    from explicam.export.autodiff import gradient_model
+    from explicam.export.graph import prepare
+    from explicam.export.sources import open_keras_as_onnx
 
-    body, head = split_at_layer(model, layer_name)
-    check_head(head)
-    size = model.input_shape[1:3]
-    feat_shape = tuple(body.output_shape[1:])
-    image_spec = tf.TensorSpec((None, *size, 3), tf.float32, name="image")
-    target_spec = tf.TensorSpec((None,), tf.int64, name="target")
-
-    @tf.function(input_signature=(image_spec, target_spec))
-    def full(image, target):
-        features = body(image, training=False)
-        logits, chosen, grads = head_forward_and_grad(head, features, target)
-        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "features": features,
-                "grads": grads, "target_used": chosen}
-
-    feat_spec = tf.TensorSpec((None, *feat_shape), tf.float32, name="features")
-
-    @tf.function(input_signature=(feat_spec,))
-    def head_only(features):
-        x = features
-        for layer in head:
-            x = layer(x, training=False)
-        return {"logits": x, "probabilities": tf.nn.softmax(x)}
-
-    main = _convert(full, (image_spec, target_spec), opset)
-    give_target_default(main)
-    head_proto = _convert(head_only, (feat_spec,), opset)
-    return main, head_proto
+    proto, feature_tensor = open_keras_as_onnx(model, layer=layer_name, opset=opset)
+    g = prepare(proto, output="explicam_scores")
+    main = gradient_model(g, feature_tensor)
+    keep = [o for o in main.graph.output if o.name != "explicam_scores"]  # it is `logits`
+    del main.graph.output[:]
+    main.graph.output.extend(keep)
+    return main, head_model(main)
 
 
-def give_target_default(proto) -> None:
-    """Make the `target` input optional: an initializer of the same name holding [-1]
-    (top-1) is what onnxruntime uses when the caller feeds none, so the file is also a
-    plain classifier: session.run(None, {"image": x}). Broadcast against the batch by the
-    graph's own Where, it explains each image's top-1 class."""
-    import numpy as np
-    from onnx import numpy_helper
+def head_model(main):
+    """features (N, h, w, C) NHWC -> logits, probabilities: the nodes of the main graph
+    between the feature tensor and the score (Ablation-CAM and Recipro-CAM re-run them).
+    None when the head also reads the image directly (nothing to re-run on its own)."""
+    from onnx import helper
 
-    names = {i.name for i in proto.graph.initializer}
-    if "target" in names or "target" not in {i.name for i in proto.graph.input}:
-        return
-    proto.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "target"))
+    from explicam.export.autodiff import META_KEY
+    from explicam.export.autodiff_check import head_graph
+
+    info = json.loads({p.key: p.value for p in main.metadata_props}[META_KEY])
+    head, inputs = head_graph(main, info["features"], info["score"])
+    if len(inputs) > 1:
+        return None
+    g = head.graph
+    inner = info["features"]
+    if info["features_layout"] == "NCHW":  # the runtime hands NHWC features; the graph wants its own layout
+        g.node.insert(0, helper.make_node("Transpose", ["features"], [inner], name="explicam/head_nchw",
+                                          perm=[0, 3, 1, 2]))
+    else:
+        g.node.insert(0, helper.make_node("Identity", ["features"], [inner], name="explicam/head_in"))
+    g.node.append(helper.make_node("Identity", [info["score"]], ["logits"], name="explicam/head_logits"))
+    g.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="explicam/head_softmax",
+                                   axis=1))
+    h, w, c = info["feature_shape"]
+    del g.input[:], g.output[:]
+    g.input.append(helper.make_tensor_value_info("features", 1, ["N", h, w, c]))
+    g.output.extend([helper.make_tensor_value_info("logits", 1, ["N", info["classes"]]),
+                     helper.make_tensor_value_info("probabilities", 1, ["N", info["classes"]])])
+    return head
 
 
 def set_metadata(proto, meta: dict) -> None:

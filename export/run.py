@@ -8,6 +8,7 @@ import uuid
 import numpy as np
 
 from explicam.export.blocks import build_blocks
+from explicam.export.geometry import geometry_for_metadata
 from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
                          head_path_for, load_keras_model, make_metadata, set_metadata, write_atomic)
 
@@ -115,6 +116,7 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)),
                          os.path.basename(forward_path_for(out)), os.path.basename(blocks_path_for(out)), geometry)
     meta["export_id"] = uuid.uuid4().hex  # ties the files together (runtime/model.py checks it)
+    meta["geometry"] = geometry_for_metadata(main, log=log)  # where each feature cell looks (export/geometry.py)
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()

@@ -82,11 +82,11 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
     ex = {"numba": Explainer(model_path, kernels="numba", threads=threads),
           "numpy": Explainer(model_path, kernels="numpy", threads=threads)}
     model = ex["numba"].model
-    size = model.input_size
+    (in_h, in_w) = model.input_hw
     rng = np.random.default_rng(0)
     if images is None:  # a fixed set of structured images (smooth blobs): same inputs for every row
         base = rng.random((max(batches), 8, 8, 3))
-        images = np.stack([np.asarray(__import__("cv2").resize(b, (size, size)) * 255, np.uint8) for b in base])
+        images = np.stack([np.asarray(__import__("cv2").resize(b, (in_w, in_h)) * 255, np.uint8) for b in base])
     methods = [m for m in (methods or ex["numba"].methods) if not (m == "cam" and model.head_kind != "gap")]
     plain, how = plain_forward_session(model_path, threads)
     rows = []
@@ -130,7 +130,7 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         for name, fn in (baselines or {}).items():  # apart: TensorFlow's idle threads would slow the other rows
             ms = _interleaved({"forward": forward, "baseline": lambda fn=fn: fn(x)}, batch, min_seconds)
             add(name, "-", batch, ms["baseline"], ms["forward"])
-    settings = {"model": model_path, "input_size": size, "kernel": model.kernel, "plain_forward": how,
+    settings = {"model": model_path, "input_size": f"{in_h}x{in_w}", "kernel": model.kernel, "plain_forward": how,
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning off",
                 "machine": machine()}
@@ -148,7 +148,7 @@ def to_markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r['kernels']} | {r['batch']} | {r['ms_per_image']:.2f} | {r['ratio']:.2f} |")
     s = result["settings"]
-    lines += ["", f"Model: {s['model']} (kernel {s['kernel']}, {s['input_size']}x{s['input_size']}); "
-              f"plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}"
+    about = f"kernel {s['kernel']}, {s['input_size']}" if s["kernel"] else s["input_size"]
+    lines += ["", f"Model: {s['model']} ({about}); plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}"
               + (f"; Score-CAM: {s['scorecam']}" if "scorecam" in s else "") + ".", f"Machine: {s['machine']}."]
     return "\n".join(lines)

@@ -138,6 +138,25 @@ def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
+def upsample_placed(m: np.ndarray, out_h: int, out_w: int, geometry: dict) -> np.ndarray:
+    """(h, w) -> (out_h, out_w) with each cell drawn at the centre of its receptive field, as
+    explicam's runtime does: the export's `geometry` metadata puts cell j at stride * j + offset
+    px (pixel p centred at p), bilinear in between, the edge cells held beyond their centres."""
+    def coords(n_in, n_out, stride, offset):
+        src = np.clip((np.arange(n_out) + 0.5) / stride - (offset + 0.5) / stride, 0, n_in - 1)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+    (sy, sx), (oy, ox) = geometry["stride"], geometry["offset"]
+    y0, y1, fy = coords(m.shape[0], out_h, sy, oy)
+    x0, x1, fx = coords(m.shape[1], out_w, sx, ox)
+    fy, fx = fy[:, None], fx[None, :]
+    m = m.astype(np.float32)
+    top = m[y0][:, x0] * (1 - fx) + m[y0][:, x1] * fx
+    bottom = m[y1][:, x0] * (1 - fx) + m[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
 def _weighted_sum_np(features, weights):
     return features @ weights
 
@@ -194,7 +213,9 @@ def explain(model_path: str, image: np.ndarray, target=None):
     t = -1 if target is None else (names.index(target) if target in names else int(target))
     probs, features, grads = session.run(["probabilities", "features", "grads"],
                                          {"image": x, "target": np.array([t], np.int64)})
-    heat = normalize(resize_bilinear(gradcam(features[0], grads[0]), size, size))
+    cam = gradcam(features[0], grads[0])
+    geometry = json.loads(meta.get("geometry") or "null")  # older exports: the map stretched (naive)
+    heat = normalize(upsample_placed(cam, size, size, geometry) if geometry else resize_bilinear(cam, size, size))
     order = np.argsort(-probs[0])[:3]
     return [(names[i], float(probs[0, i])) for i in order], heat, names
 

@@ -2,7 +2,8 @@
 
 The walk: preprocess (as the metadata says) -> one onnxruntime call (logits,
 probabilities, features, exact gradients for the target) -> the method's weights or map
-(runtime/methods.py) -> ReLU -> bilinear upsampling to the input size -> min-max
+(runtime/methods.py) -> ReLU -> upsampling to the input size, each cell at the centre of
+its receptive field (runtime/placement.py; `placement="naive"`: a plain stretch) -> min-max
 normalisation (camkernels).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from explicam import camkernels
 from explicam.runtime.images import heatmap_on_photo
+from explicam.runtime import placement as _placement
 from explicam.runtime.methods import METHODS, CamInputs, MethodError
 from explicam.runtime.model import OnnxModel
 
@@ -20,8 +22,8 @@ from explicam.runtime.model import OnnxModel
 @dataclass
 class Explanation:
     method: str
-    cams: np.ndarray           # (N, h, w) float32, after ReLU, not normalised
-    heatmaps: np.ndarray       # (N, H, W) float32 in [0, 1], bilinear to the input size
+    cams: np.ndarray           # (N, h, w) float32, after ReLU, not normalised (RISE: (N, H, W), the input's own)
+    heatmaps: np.ndarray       # (N, H, W) float32 in [0, 1] at the input size (Explainer.placement)
     logits: np.ndarray         # (N, classes)
     probabilities: np.ndarray  # (N, classes)
     targets: np.ndarray        # (N,) class index explained for each image
@@ -49,15 +51,25 @@ class Explainer:
     kernels: "auto" (numba when importable), "numba" or "numpy".
     batch_size: images per onnxruntime call (and masked inputs per call for Score-CAM).
     scorecam_topk: None = every channel; k = the k channels of largest variance.
+    placement: where heatmap cells are drawn: "geometric" (each at its receptive field's
+    centre, the default when the file has geometry), "naive" (plain stretch, the default
+    for older exports), or a geometry dict; runtime/placement.py.
+    options: method options used by every call unless a call passes its own (rise_masks,
+    rise_cells, rise_p, rise_seed, finercam_k, finercam_alpha, reciprocam_mask, ...; see
+    each method's docstring in runtime/methods.py and runtime/methods_perturb.py).
     """
 
     def __init__(self, model_path, kernels: str = "auto", threads: int | None = None, batch_size: int = 16,
-                 scorecam_topk: int | None = None, warmup: bool = True):
+                 scorecam_topk: int | None = None, warmup: bool = True, placement=None, options=None):
         self.model = OnnxModel(model_path, threads)
+        self.geometry = _placement.model_geometry(self.model.meta)
+        self.placement = _placement.resolve(placement, self.geometry)
         self.k = camkernels.get(kernels)
         self.kernels = kernels if kernels != "auto" else camkernels.BACKEND
         self.batch_size = int(batch_size)
         self.scorecam_topk = scorecam_topk
+        self.options = dict(options or {})
+        self.cache: dict = {}  # what a method computes once per explainer (RISE's masks), runtime/methods.py
         if warmup:  # compile the kernels and let onnxruntime allocate now, not on the first frame
             camkernels.warmup(self.k)
             self.explain(np.zeros((1, *self.input_hw, 3), np.uint8), "gradcam")
@@ -108,27 +120,36 @@ class Explainer:
             raise MethodError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
         x = self.model.preprocess(images)
         targets = self.resolve_targets(target, len(x))
-        opts = {"batch_size": max(self.batch_size, 32), "scorecam_topk": self.scorecam_topk, **options}
+        opts = {"batch_size": max(self.batch_size, 32), "scorecam_topk": self.scorecam_topk, **self.options,
+                **options}
         parts = {m: [] for m in methods}
         for start in range(0, len(x), self.batch_size):
             xb, tb = x[start:start + self.batch_size], targets[start:start + self.batch_size]
             out = self.model.run(xb, tb)
             inputs = CamInputs(out["features"], out["grads"], out["logits"], out["target_used"].astype(np.int64),
-                               xb, self.model, self.k, opts)
+                               xb, self.model, self.k, opts, self.cache)
             for m in methods:
                 parts[m].append((self.cams(m, inputs), out["logits"], out["probabilities"], out["target_used"]))
         return {m: self._finish(m, parts[m]) for m in methods}
 
     def cams(self, method: str, inputs: CamInputs) -> np.ndarray:
-        """The method's map at feature resolution, after ReLU: (N, h, w) float32."""
+        """The method's map at feature resolution, after ReLU: (N, h, w) float32 (a method
+        that draws on the input itself, RISE, returns (N, H, W): heatmaps() keeps it as it is)."""
         out = np.asarray(METHODS[method](inputs), np.float32)
         if out.ndim == 2:  # channel weights
             out = self.k.weighted_sum(inputs.features, out)
         return self.k.relu(out)
 
+    def heatmaps(self, cams: np.ndarray, placement=None) -> np.ndarray:
+        """(N, h, w) maps -> (N, H, W) in [0, 1] at the input size, under `placement`
+        (default: the explainer's own)."""
+        place = self.placement if placement is None else _placement.resolve(placement, self.geometry)
+        p = _placement.params(place, self.geometry, self.input_hw, np.shape(cams)[1:3])
+        return self.k.normalize_minmax(self.k.upsample_placed(cams, *self.input_hw, *p))
+
     def _finish(self, method: str, parts: list) -> Explanation:
         cams = np.concatenate([p[0] for p in parts])
-        heatmaps = self.k.normalize_minmax(self.k.upsample_bilinear(cams, *self.input_hw))
+        heatmaps = self.heatmaps(cams)
         return Explanation(method, cams, heatmaps, np.concatenate([p[1] for p in parts]),
                            np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int64),
                            self.class_names, self.model.resize_shorter)

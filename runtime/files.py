@@ -122,16 +122,35 @@ def tile_rows(tiles, cols: int = 5, gap: int = 4) -> np.ndarray:
     return np.concatenate(rows)[:-gap]
 
 
+@dataclass
+class FilesConfig:
+    """How `cli.py explain PHOTO DIR ...` explains and what it writes (its options)."""
+    model: str | None = None        # ONNX model [default: the newest runs/*/model.onnx]
+    out: str = "out"                # output folder; folders given as input are mirrored under it
+    method: str = "gradcam"         # one method, several comma-separated, or "all" (a grid)
+    target: object = None           # class name or index [default: each image's top-1]
+    top_k: int = 3                  # classes written on overlays and in predictions.csv
+    alpha: float = 0.5              # heatmap opacity over the photo
+    colormap: str = "jet"
+    side_by_side: bool = False      # the photo and its overlay next to each other
+    heatmap: str | None = None      # also save the raw heatmap: "png" (16-bit) or "npy"
+    labels: bool = True             # predictions written on the overlays
+    batch_size: int = 16            # images per onnxruntime call
+    kernels: str = "auto"           # camkernels backend: auto, numba or numpy
+    threads: int | None = None      # onnxruntime intra-op threads [default: all cores]
+    placement: str | None = None    # geometric / naive [default: the model's, runtime/placement.py]
+
+
 class Writer:
     """Everything written for one image, from one Explanation per method."""
 
-    def __init__(self, out, methods, top_k=3, alpha=0.5, colormap="jet", side_by_side=False, heatmap=None,
-                 labels=True):
-        ov.Blender(alpha, colormap)  # checks --alpha and --colormap
-        if heatmap not in (None, "png", "npy"):
-            raise ValueError(f"--heatmap must be png or npy, got {heatmap!r}")
-        self.out, self.methods, self.top_k = out, methods, max(1, int(top_k))
-        self.alpha, self.colormap, self.side, self.heatmap, self.labels = alpha, colormap, side_by_side, heatmap, labels
+    def __init__(self, cfg: FilesConfig, methods, top_k=None):
+        ov.Blender(cfg.alpha, cfg.colormap)  # checks --alpha and --colormap
+        if cfg.heatmap not in (None, "png", "npy"):
+            raise ValueError(f"--heatmap must be png or npy, got {cfg.heatmap!r}")
+        self.out, self.methods, self.top_k = cfg.out, methods, max(1, int(cfg.top_k if top_k is None else top_k))
+        self.alpha, self.colormap, self.side = cfg.alpha, cfg.colormap, cfg.side_by_side
+        self.heatmap, self.labels = cfg.heatmap, cfg.labels
 
     def header(self) -> list:
         cols = ["file"]
@@ -147,7 +166,8 @@ class Writer:
         first = results[self.methods[0]]
         top = first.top_k(self.top_k)[i]
         target = first.target_names[i]
-        overlays = {m: ov.overlay(shown, results[m].heatmap_on(i, shown.shape), self.alpha, self.colormap) for m in self.methods}
+        overlays = {m: ov.overlay(shown, results[m].heatmap_on(i, shown.shape), self.alpha, self.colormap)
+                    for m in self.methods}
         if len(self.methods) == 1:
             image = overlays[self.methods[0]]
             if self.labels:
@@ -197,16 +217,22 @@ def _read_batch(items, batch_size: int, min_side: int):
     return batch
 
 
-def explain_files(paths, model=None, out="out", method="gradcam", target=None, top_k=3, alpha=0.5,
-                  colormap="jet", side_by_side=False, heatmap=None, labels=True, batch_size=16,
-                  kernels="auto", threads=None, explainer=None, progress=None, on_start=None) -> FilesResult:
-    """Explain every image in `paths` (files and folders) into `out`. Raises ValueError only
-    when nothing could be done; per-file problems end up in result.skipped."""
+def explain_files(paths, cfg: FilesConfig | None = None, explainer=None, progress=None, on_start=None,
+                  **options) -> FilesResult:
+    """Explain every image in `paths` (files and folders) into `cfg.out`. `options` set
+    FilesConfig fields (explain_files(paths, out="o", method="all")). Raises ValueError only
+    when nothing could be done; per-file problems end up in result.skipped.
+    explainer: an Explainer to use instead of opening cfg.model; progress(n) after each
+    batch; on_start(result) once the inputs are walked and the model is loaded."""
+    from dataclasses import replace
+
     from explicam.runtime.methods import METHODS
 
+    cfg = replace(cfg or FilesConfig(), **options)
+    out, target, batch_size = cfg.out, cfg.target, cfg.batch_size
     t0 = time.perf_counter()
-    methods = parse_methods(method, list(METHODS))
-    Writer(out, methods, top_k, alpha, colormap, side_by_side, heatmap, labels)  # bad options fail before any work
+    methods = parse_methods(cfg.method, list(METHODS))
+    Writer(cfg, methods)  # bad options fail before any work
     items, problems = collect(paths, out)
     if not items:
         raise ValueError(problems[0] if len(problems) == 1 else "nothing to explain: " + "; ".join(problems))
@@ -215,12 +241,12 @@ def explain_files(paths, model=None, out="out", method="gradcam", target=None, t
         from explicam.runtime.explainer import Explainer
         from explicam.runtime.model import newest_model
 
-        explainer = Explainer(model or newest_model(), kernels=kernels, threads=threads, batch_size=batch_size)
+        explainer = Explainer(cfg.model or newest_model(), kernels=cfg.kernels, threads=cfg.threads,
+                              batch_size=batch_size, placement=cfg.placement)
     explainer.resolve_targets(target, 1)  # an unknown --target fails now, not per image
     result = FilesResult(out, None, [], skipped=list(problems), total=len(items))
     result.methods = methods = usable_methods(explainer, methods, result.notes)
-    writer = Writer(out, methods, min(top_k, len(explainer.class_names)), alpha, colormap, side_by_side, heatmap,
-                    labels)
+    writer = Writer(cfg, methods, min(cfg.top_k, len(explainer.class_names)))
     if on_start:
         on_start(result)
     csv_path = os.path.join(out, "predictions.csv")

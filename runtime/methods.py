@@ -40,6 +40,7 @@ class CamInputs:
     model: object              # runtime.model.OnnxModel, for methods that re-run the network
     k: object                  # camkernels namespace
     options: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # the Explainer's own: what a method computes once (RISE's masks)
 
 
 @register("cam")
@@ -86,6 +87,51 @@ def layercam(a: CamInputs):
     return a.k.grad_product_sum(a.features, a.grads, True)
 
 
+def finercam_references(logits: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """(N, k') the k classes whose logits lie nearest each image's target logit (|y_j - y_c|,
+    the target itself left out, ties to the lower index); k' = min(k, classes - 1)."""
+    n, classes = logits.shape
+    k = max(0, min(int(k), classes - 1))
+    dist = np.abs(logits - logits[np.arange(n), targets][:, None]).astype(np.float64)
+    dist[np.arange(n), targets] = np.inf
+    return np.argsort(dist, axis=1, kind="stable")[:, :k]
+
+
+@register("finercam")
+def finercam(a: CamInputs):
+    """Finer-CAM (Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for
+    Visual Explanation", CVPR 2025), Grad-CAM weighting of the comparison score as the
+    authors' code builds it (FinerWeightedTarget, FinerCAM with GradCAM, github.com/Imageomics/Finer-CAM):
+
+        S = sum_d p_d (y_c - alpha y_d) / (sum_d p_d + 1e-9),   w_k = mean_ij d S / d A_ij^k
+
+    over the `finercam_k` reference classes d whose logits are nearest the target's (default
+    3: the authors' second to fourth most similar), p = softmax of the logits, `finercam_alpha`
+    the comparison strength (default 1; 0 is Grad-CAM). The p_d are taken as constants, so
+    d S / d A is a sum of k + 1 class gradients; the authors differentiate through them too,
+    which would need every class's gradient (with finercam_k=1 the two agree to 1e-9).
+    Gradients are linear in the target: the main graph runs once more per reference class
+    (all images and references in one batch), no new graph."""
+    n = len(a.targets)
+    refs = finercam_references(a.logits, a.targets, a.options.get("finercam_k", 3))
+    alpha = float(a.options.get("finercam_alpha", 1.0))
+    if refs.shape[1] == 0:  # a one-class model has nothing to compare with
+        return a.k.channel_mean(a.grads)
+    z = a.logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    w = np.take_along_axis(p, refs, axis=1)
+    w /= w.sum(axis=1, keepdims=True) + 1e-9
+    k = refs.shape[1]
+    reps = np.repeat(np.arange(n), k)
+    batch = int(a.options.get("batch_size", 32))
+    g_refs = np.concatenate([a.model.run(a.inputs[reps[s:s + batch]], refs.reshape(-1)[s:s + batch], ["grads"])["grads"]
+                             for s in range(0, n * k, batch)])
+    ref_w = a.k.channel_mean(g_refs).reshape(n, k, -1).astype(np.float64)
+    target_w = a.k.channel_mean(a.grads).astype(np.float64)
+    return (w.sum(axis=1, keepdims=True) * target_w - alpha * np.einsum("nk,nkc->nc", w, ref_w)).astype(np.float32)
+
+
 @register("scorecam")
 def scorecam(a: CamInputs):
     """Score-CAM (Wang et al., CVPR-W 2020): w_k = softmax(f(X * H_k))_c, where H_k is
@@ -96,7 +142,7 @@ def scorecam(a: CamInputs):
     only where its mask reaches (runtime/masked.py; the same probabilities for about half
     the work) unless `scorecam_crop=False` or the export has no blocks file."""
     n, h, w, c = a.features.shape
-    size, batch = a.inputs.shape[1], int(a.options.get("batch_size", 32))
+    (in_h, in_w), batch = a.inputs.shape[1:3], int(a.options.get("batch_size", 32))
     topk = a.options.get("scorecam_topk")
     masked = a.model.masked_forward() if a.options.get("scorecam_crop", True) else None
     weights = np.zeros((n, c), np.float32)
@@ -107,7 +153,7 @@ def scorecam(a: CamInputs):
             live = np.sort(live[np.argsort(-acts[live].var(axis=(1, 2)), kind="stable")[:int(topk)]])
         for start in range(0, len(live), batch):
             chunk = live[start:start + batch]
-            masks = a.k.normalize_minmax(a.k.upsample_bilinear(acts[chunk], size, size))
+            masks = a.k.normalize_minmax(a.k.upsample_bilinear(acts[chunk], in_h, in_w))
             if masked is not None:
                 probs = masked.probabilities(a.inputs[i], masks)
             else:
@@ -176,3 +222,8 @@ def eigencam(a: CamInputs):
             proj = -proj
         maps[i] = proj.reshape(h, w)
     return maps
+
+
+# Methods that re-run the network on perturbed inputs or features register themselves there
+# (after everything above is defined: that module imports register and CamInputs from here).
+from explicam.runtime import methods_perturb  # noqa: E402,F401

@@ -182,21 +182,22 @@ class OnnxModel:
                 out.append(self.run(chunk, np.full(len(chunk), -1, np.int64), ["probabilities"])["probabilities"])
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
-    def head(self, features: np.ndarray) -> np.ndarray:
-        """Logits from conv4 features alone (the exported head graph), for Ablation-CAM."""
+    def head(self, features: np.ndarray, output: str = "logits") -> np.ndarray:
+        """Logits (or `output="probabilities"`) from conv4 features alone (the exported head
+        graph), for Ablation-CAM and Recipro-CAM."""
         if self._head is None:
             head_file = self.meta.get("head_file")
             if not head_file:
                 raise ModelError(f"{self.path}: no head graph recorded in the metadata; re-export the model")
             path = os.path.join(os.path.dirname(os.path.abspath(self.path)), head_file)
             if not os.path.isfile(path):
-                raise ModelError(f"{path}: no such file; Ablation-CAM re-runs the head graph written beside "
-                                 f"{os.path.basename(self.path)}: copy it too, or re-export")
+                raise ModelError(f"{path}: no such file; Ablation-CAM and Recipro-CAM re-run the head graph "
+                                 f"written beside {os.path.basename(self.path)}: copy it too, or re-export")
             self._head = self._side_file(head_file)
             if self._head is None:
                 raise ModelError(f"{path}: belongs to another export than {self.path} (export_id differs); "
                                  "copy the files of one export together, or re-export")
-        return self._head.run(["logits"], {"features": np.ascontiguousarray(features, np.float32)})[0]
+        return self._head.run([output], {"features": np.ascontiguousarray(features, np.float32)})[0]
 
 
 def newest_model(pattern: str = "runs/*/model.onnx") -> str:

@@ -6,11 +6,12 @@
   naive      the feature map stretched over the input (plain bilinear, as pytorch-grad-cam
              and keras.io do): cell j at (j + 0.5) * S / h - 0.5. The default for older
              exports without geometry, and the comparison in `evaluate`.
-  effective  not offered yet: it needs the measured centre of each cell's influence on the
-             input (|d cell / d image|), which needs input gradients the export does not
-             write yet (export/geometry.py's docstring; runtime/effective.py measures it
-             where a caller can give those gradients).
+  effective  not offered by name yet: it needs the measured centre of each cell's influence
+             on the input (|d cell / d image|), i.e. input gradients the export does not
+             write yet. `evaluate` measures it with TensorFlow and model.keras
+             (evaluate/effective.py) and passes the fitted map as a geometry dict.
 A geometry dict ({"stride": [sy, sx], "offset": [oy, ox]}) is accepted in place of a name.
+A map at the input's own resolution (RISE) is not moved by any placement.
 Pixel p is centred at coordinate p; cell j at stride * j + offset (both per axis, y then x).
 """
 from __future__ import annotations
@@ -49,7 +50,11 @@ def resolve(requested, geometry: dict | None):
 
 
 def params(placement, geometry: dict | None, input_hw, feature_hw) -> tuple[float, float, float, float]:
-    """(stride_y, offset_y, stride_x, offset_x) of camkernels.upsample_placed."""
+    """(stride_y, offset_y, stride_x, offset_x) of camkernels.upsample_placed. A map already
+    at the input's resolution (RISE draws its maps on the input, pixel by pixel) is placed
+    as it is, whatever the placement: stride 1, offset 0, the identity."""
+    if tuple(feature_hw) == tuple(input_hw):
+        return 1.0, 0.0, 1.0, 0.0
     if placement == "naive":
         (H, W), (h, w) = input_hw, feature_hw
         sy, sx = H / h, W / w

@@ -61,6 +61,26 @@ def test_trained_gradcam_beats_the_random_baseline(evaluated):
     assert float(g["deletion_auc"]) < float(r["deletion_auc"])
 
 
+def test_localisation_under_both_placements_side_by_side(evaluated, onnx_model):
+    """Geometric by default; naive recomputed from the same maps; effective measured (TensorFlow)."""
+    from explicam import camkernels as ck
+    from explicam.evaluate import metrics as M
+
+    out, stdout = evaluated
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["placement"] == "geometric" and data["geometry"]["offset"] == [23.0, 23.0]
+    for r in data["rows"]:
+        assert r["pointing_game"] == r["pointing_geometric"] and r["energy_pointing_game"] == r["energy_geometric"]
+        assert 0 <= r["energy_naive"] <= 1 and 0 <= r["energy_effective"] <= 1
+    assert len(data["effective"]["stride"]) == 2 and data["effective"]["images"] == 8
+    ex = np.load(out / "examples.npz")  # the example maps redrawn naively score as the naive heatmap would
+    naive = ck.normalize_minmax(ck.upsample_bilinear(ex["cam_gradcam"], SIZE, SIZE))
+    assert not np.allclose(naive, ex["heat_gradcam"].astype(np.float32), atol=1e-2)
+    assert np.isfinite(M.energy_pointing_game(naive, ex["masks"])).all()
+    assert "Point naive" in stdout and "Energy naive" in stdout and "receptive-field centre" in stdout
+    assert "pointing_naive" in (out / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_sanity_cascade_ran(evaluated):
     data = json.loads((evaluated[0] / "metrics.json").read_text())
     s = data["sanity"]

@@ -184,8 +184,9 @@ def test_parity_failure_leaves_no_model(trained_run, tmp_path, monkeypatch):
     ("none", ["--run-dir", "{tmp}/nothing"], "run folder"),
     ("empty", ["--run-dir", "{tmp}/empty"], "has no model.keras"),
     ("corrupt", ["--model", "{tmp}/bad.keras"], "cannot load Keras model"),
-    ("noconv4", ["--model", "{tmp}/odd.keras"], "no layer named 'conv4'; its convolution layers are: c1, c2"),
-    ("unsupported", ["--model", "{tmp}/lstm.keras"], "not supported"),
+    ("noconv4", ["--model", "{tmp}/odd.keras", "--layer", "conv4"],
+     "no layer named 'conv4'; its convolution layers are: c1, c2"),
+    ("unsupported", ["--model", "{tmp}/upsample.keras"], "(Resize) between"),
 ])
 def test_bad_export_input_gets_one_line(tmp_path, setup, args, message):
     import keras
@@ -199,11 +200,11 @@ def test_bad_export_input_gets_one_line(tmp_path, setup, args, message):
         x = keras.layers.Conv2D(4, 3, name="c1")(inp)
         x = keras.layers.Conv2D(4, 3, name="c2")(x)
         keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x))).save(tmp_path / "odd.keras")
-    if setup == "unsupported":
+    if setup == "unsupported":  # an op without a gradient rule between the features and the score
         inp = keras.Input((32, 32, 3))
         x = keras.layers.Conv2D(4, 3, name="conv4")(inp)
-        x = keras.layers.BatchNormalization(name="bn")(x)
-        keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x))).save(tmp_path / "lstm.keras")
+        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name="up")(x)
+        keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x))).save(tmp_path / "upsample.keras")
     res = run_cli("export", *[a.format(tmp=tmp_path) for a in args])
     assert res.returncode != 0
     assert "Traceback" not in res.stderr

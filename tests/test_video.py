@@ -18,7 +18,7 @@ from explicam.runtime import overlay as ov
 from explicam.runtime.video.capture import Source
 from explicam.runtime.video.mjpeg import MjpegServer
 from explicam.runtime.video.sinks import VideoFileSink
-from explicam.runtime.video import explain_stream, run_stream
+from explicam.runtime.video import StreamConfig, explain_stream, run_stream
 from explicam.runtime.video.bench import bench_video
 from tests.conftest import ROOT, run_cli
 
@@ -81,7 +81,7 @@ def test_video_file_every_frame_explained_and_recorded(tmp_path, onnx_model, exp
 
 
 def test_a_video_with_no_output_option_is_still_saved_and_realtime_paces_it(tmp_path, explainer, clip):
-    res = explain_stream(Source(str(clip), str(clip), "file"), explainer=explainer, out=str(tmp_path))
+    res = explain_stream(Source(str(clip), str(clip), "file"), StreamConfig(out=str(tmp_path)), explainer=explainer)
     assert res.frames == 20 and res.reason == "end"
     assert len(read_frames(tmp_path / "clip_gradcam.mp4")[0]) == 20
     fast = write_clip(tmp_path / "fast.avi", 10, fps=20.0)
@@ -129,7 +129,7 @@ def test_camera_gives_the_newest_frame_and_a_lost_camera_finishes_the_recording(
     camera = FakeCamera(frames=150)
     slow = SlowExplainer(explainer, camera)
     sink = VideoFileSink(str(tmp_path / "cam.mp4"), None)
-    res = run_stream(Source(0, "camera 0", "camera"), slow, sinks=[sink], cap=camera, lost_after=0.3)
+    res = run_stream(Source(0, "camera 0", "camera"), slow, StreamConfig(lost_after=0.3), sinks=[sink], cap=camera)
     assert res.reason == "lost" and "camera 0 stopped delivering frames" in res.message
     assert res.read == 150 and res.dropped > 50 and res.frames < 60
     assert max(slow.lags[1:]) <= 2  # never more than a frame or two behind: no growing lag
@@ -142,7 +142,8 @@ def test_camera_gives_the_newest_frame_and_a_lost_camera_finishes_the_recording(
 def test_a_camera_that_never_delivers_is_a_clear_error(explainer):
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="camera 3: no frames could be read .it opened, but no frame came within"):
-        run_stream(Source(3, "camera 3", "camera"), explainer, sinks=[], cap=FakeCamera(0), first_frame_timeout=0.5)
+        run_stream(Source(3, "camera 3", "camera"), explainer, StreamConfig(first_frame_timeout=0.5), sinks=[],
+                   cap=FakeCamera(0))
     assert time.perf_counter() - t0 < 5
 
 
@@ -204,7 +205,7 @@ def read_part(resp):
 
 def test_mjpeg_server_paths_frames_and_clients_that_leave():
     server = MjpegServer(0)
-    assert server.httpd.server_address[0] == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+    assert server.address[0] == "127.0.0.1" and server.url == f"http://127.0.0.1:{server.port}/"  # no token
     stop = threading.Event()
 
     def publish():
@@ -259,8 +260,13 @@ def test_mjpeg_server_paths_frames_and_clients_that_leave():
     taken.close()
     everywhere = MjpegServer(0, host="0.0.0.0")  # --host 0.0.0.0: the network may watch
     try:
-        assert everywhere.httpd.server_address[0] == "0.0.0.0"
-        assert everywhere.url == f"http://{socket.gethostname()}:{everywhere.port}/"
+        assert everywhere.address[0] == "0.0.0.0"
+        # off loopback a token comes by default, in the URL, and nothing is served without it
+        assert everywhere.public_url == f"http://{socket.gethostname()}:{everywhere.port}/"
+        assert re.fullmatch(re.escape(everywhere.public_url) + r"\?token=[\w-]{22}", everywhere.url)
+        conn = http.client.HTTPConnection("127.0.0.1", everywhere.port, timeout=5)
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 401
     finally:
         everywhere.close()
 
@@ -342,8 +348,8 @@ def test_two_frames_in_flight_keep_a_files_order(tmp_path, onnx_model):
         def close(self):
             pass
 
-    res = run_stream(Source(str(clip), "clip", "file"), make_explainers(onnx_model, 2), "gradcam",
-                     sinks=[Collect()], labels=False)
+    res = run_stream(Source(str(clip), "clip", "file"), make_explainers(onnx_model, 2),
+                     StreamConfig(method="gradcam", labels=False), sinks=[Collect()])
     assert res.frames == len(got) == 25
     for i, frame in enumerate(got):  # the moving disc: frame i is nearest to source frame i
         dist = [np.abs(frame.astype(int) - s.astype(int)).mean() for s in source]

@@ -18,12 +18,14 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from explicam.train.data import find_dataset, load_images, make_augmenter, make_tf_dataset
+from explicam.train.data import find_dataset, make_augmenter
+from explicam.train.lock import remove_contents_but_lock, run_folder_lock
+from explicam.train.stream import check_images, remove_caches, training_streams
 
+NOT_FINGERPRINTED = ("cache", "cache_budget_mb", "distribute")
 SUMMARY_FIGURES = ("epochs_run", "best_epoch", "wall_time_s", "final_val_accuracy", "best_val_accuracy", "params")
 
 
@@ -46,10 +48,14 @@ class TrainConfig:
     zoom: float = 0.1
     translation: float = 0.1
     contrast: float = 0.1
+    cache: str = "auto"                 # decoded images: auto (memory within the budget, else disk), memory, disk
+    cache_budget_mb: float | None = None  # [default: train/stream.py's default_budget()]
+    distribute: str = "none"            # none or mirrored (tf.distribute.MirroredStrategy)
 
     def fingerprint(self) -> str:
-        """What must match for a run folder to be resumed (max_epochs and patience may grow)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("max_epochs", "patience")}
+        """What must match for a run folder to be resumed (max_epochs and patience may grow;
+        where the images are cached and how many devices train change nothing learnt)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("max_epochs", "patience") + NOT_FINGERPRINTED}
         keep["data"] = os.path.abspath(keep["data"])
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -165,7 +171,7 @@ def _load_resume_state(run_dir: str, cfg: TrainConfig, fresh: bool, log) -> dict
     state_path = os.path.join(run_dir, "backup", "state.json")
     summary_path = os.path.join(run_dir, "summary.json")
     if fresh and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
+        remove_contents_but_lock(run_dir)  # the lock file stays: this process holds it
         return None
     if os.path.exists(state_path):
         with open(state_path) as f:
@@ -180,12 +186,18 @@ def _load_resume_state(run_dir: str, cfg: TrainConfig, fresh: bool, log) -> dict
 
 
 def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, verbose="auto", log=print) -> dict:
-    """Train (or resume, or recognise as already complete) one run; returns its summary."""
+    """Train (or resume, or recognise as already complete) one run; returns its summary.
+    The run folder is locked for the whole run: a second process stops at once (lock.py)."""
+    run_dir = run_dir or default_run_dir(cfg.kernel, cfg.head)
+    with run_folder_lock(run_dir, "train"):
+        return _train(cfg, run_dir, fresh, verbose, log)
+
+
+def _train(cfg: TrainConfig, run_dir: str, fresh: bool, verbose, log) -> dict:
     import keras
 
     from explicam.train.model import build_model
 
-    run_dir = run_dir or default_run_dir(cfg.kernel, cfg.head)
     ds = find_dataset(cfg.data, cfg.val_split, cfg.seed or 0)  # bad data first: the likelier mistake
     state = _load_resume_state(run_dir, cfg, fresh, log)
     if state and state.get("complete"):
@@ -196,8 +208,8 @@ def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, ver
     build_model(cfg.kernel, cfg.image_size, len(ds.class_names), cfg.head, cfg.dropout)  # validate early
     log(f"data: {cfg.data} ({ds.layout} layout), {len(ds.class_names)} classes, "
         f"{len(ds.train.paths)} training / {len(ds.val.paths)} validation images")
-    x_tr, y_tr, bad_tr = load_images(ds.train, cfg.image_size)
-    x_va, y_va, bad_va = load_images(ds.val, cfg.image_size)
+    (tr, bad_tr), (va, bad_va) = check_images(ds.train), check_images(ds.val)  # found up front, nothing kept
+    y_tr, y_va = tr.labels, va.labels
     bad = bad_tr + bad_va
     if bad:
         log(f"skipped {len(bad)} unreadable image(s):")
@@ -228,8 +240,7 @@ def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, ver
                  "wall_time_s": 0.0, "history": []}
 
     augment = make_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.translation, cfg.contrast, seed=cfg.seed)
-    train_ds = make_tf_dataset(x_tr, y_tr, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed)
-    val_ds = make_tf_dataset(x_va, y_va, cfg.batch_size, shuffle=False)
+    train_ds, val_ds = training_streams(tr, va, cfg, run_dir, augment, log)  # streamed from the files
     keeper = _make_keeper(run_dir, cfg, state, log)
     if state["epoch"] < cfg.max_epochs and state["wait"] < cfg.patience:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.max_epochs, initial_epoch=state["epoch"],
@@ -255,4 +266,5 @@ def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, ver
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     state["complete"] = True
     write_json_atomic(os.path.join(run_dir, "backup", "state.json"), state)
+    remove_caches(os.path.join(run_dir, "cache"))  # a finished run needs no decoded copy of its data
     return summary

@@ -1,8 +1,8 @@
 """Built-in synthetic image-classification dataset, with ground-truth object masks.
 
-No real dataset can be downloaded, so explicam draws its own. Each image holds one
-object (a class = shape + colour family + texture) at a random position, scale and
-rotation, over one of ten procedural backgrounds with small clutter behind it.
+No real dataset can be downloaded, so explicam draws its own (train/synth_draw.py). Each
+image holds one object (a class = shape + colour family + texture) at a random position,
+scale and rotation, over one of ten procedural backgrounds with small clutter behind it.
 Because we draw the object we know exactly which pixels are the object, so every
 image ships with a mask that class activation maps can be scored against.
 
@@ -10,276 +10,47 @@ Layout (Keras' image_dataset_from_directory convention, plus masks):
     out_dir/training/<class>/000123.jpg    out_dir/masks/training/<class>/000123.png
     out_dir/validation/<class>/000045.jpg  out_dir/masks/validation/<class>/000045.png
     out_dir/dataset.json                   parameters, counts and per-image records
+With --habitat-bias P > 0 (or counterfactuals=True), three copies of the validation
+split, drawn from the very same objects, answer whether a model reads the object or
+its habitat (the background style tied to its class):
+    out_dir/counterfactual/neutral/<class>/000045.jpg          on a style no class uses
+    out_dir/counterfactual/swapped/<class>/000045.jpg          on another class's habitat
+    out_dir/counterfactual/background-only/<class>/000045.jpg  the object removed
+with masks under out_dir/masks/counterfactual/<set>/ (the object where it was; empty
+for background-only). Other commands read only training/ and validation/.
 """
-import colorsys
-import functools
+from __future__ import annotations
+
 import json
 import numbers
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-# Alphabetical on purpose: image_dataset_from_directory numbers classes by sorted
-# folder name, so with this order our label index is also the Keras label index.
-CLASS_NAMES = ["arrow", "circle", "crescent", "cross", "heart",
-               "hexagon", "ring", "square", "star", "triangle"]
-# Per class, same order. Hues (degrees) are spread round the wheel and objects are
-# saturated while backgrounds are muted, so colour is a strong cue; texture and
-# shape back it up so that the classes stay unambiguous.
-CLASS_HUES = [0, 28, 55, 90, 130, 170, 200, 230, 275, 320]
-CLASS_TEXTURES = ["stripes", "dots", "gradient", "checker", "solid",
-                  "grid", "zigzag", "squares", "speckle", "diagonal"]
-BACKGROUND_STYLES = ["gradient", "noise", "stripes", "grass", "bricks",
-                     "waves", "blotches", "radial", "cells", "plaid"]
-SPLITS = ("training", "validation")
-MIN_SCALE, MAX_SCALE = 0.15, 0.45  # object's bounding size, as a fraction of the side
+from explicam.train.dataset_files import prepare_target, publish, remove_path, write_rgb
+from explicam.train.synth_draw import (BACKGROUND_STYLES, CLASS_HUES, CLASS_NAMES, CLASS_TEXTURES,  # noqa: F401
+                                       MAX_SCALE, MIN_SCALE, NEUTRAL_INDEX, NEUTRAL_STYLE, SPLITS, Variant, render)
+
+COUNTERFACTUAL_SETS = ("neutral", "swapped", "background-only")
+COUNTERFACTUAL_DIR = "counterfactual"
+# Extra seed words of the side generators (the image's own generator is [seed, split, index]).
+_COLOUR_STREAM, _NEUTRAL_STREAM, _SWAP_STREAM = 1, 2, 3
 
 
-# ---------------------------------------------------------------- colours
+@dataclass(frozen=True)
+class SynthSpec:
+    """What every image of one dataset is drawn with."""
+    size: int
+    num_classes: int
+    habitat_bias: float
+    colour_cue: float
+    seed: int
+    quality: int
 
-def _rgb(h, s, v):
-    """HSV (hue in degrees, s and v in 0..1) to an RGB float array in 0..255."""
-    return np.array(colorsys.hsv_to_rgb((h % 360) / 360, s, v), np.float32) * 255
-
-
-def _muted(rng):
-    """A random background colour: any hue, but low saturation so objects stand out."""
-    return _rgb(rng.uniform(0, 360), rng.uniform(0.05, 0.5), rng.uniform(0.25, 0.85))
-
-
-def _mix(t, a, b):
-    """Blend colour a (t=0) to colour b (t=1) over a float map t."""
-    return a + (b - a) * t[..., None]
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(n):
-    """Pixel-centre coordinates in 0..1 (x, y), shared by all images of one size."""
-    c = (np.arange(n, dtype=np.float32) + 0.5) / n
-    return np.meshgrid(c, c)
-
-
-# ---------------------------------------------------------------- backgrounds
-# Each style is f(rng, n) -> float32 (n, n, 3) RGB in 0..255.
-
-def _bg_gradient(rng, n):
-    x, y = _grid(n)
-    a = rng.uniform(0, 2 * np.pi)
-    t = x * np.cos(a) + y * np.sin(a)
-    t = (t - t.min()) / (t.max() - t.min())
-    return _mix(t, _muted(rng), _muted(rng))
-
-
-def _bg_noise(rng, n):
-    g = int(rng.integers(3, 9))
-    t = cv2.resize(rng.random((g, g), np.float32), (n, n), interpolation=cv2.INTER_CUBIC)
-    t = t + rng.uniform(-0.12, 0.12, (n, n)).astype(np.float32)  # fine grain on top
-    return _mix(np.clip(t, 0, 1), _muted(rng), _muted(rng))
-
-
-def _bg_stripes(rng, n):
-    x, y = _grid(n)
-    a, period = rng.uniform(0, np.pi), rng.uniform(0.06, 0.2)
-    t = (np.sin(2 * np.pi * (x * np.cos(a) + y * np.sin(a)) / period) > 0)
-    return _mix(t.astype(np.float32), _muted(rng), _muted(rng))
-
-
-def _bg_grass(rng, n):
-    img = np.full((n, n, 3), _muted(rng) * 0.6, np.float32)
-    hue, length = rng.uniform(0, 360), n * rng.uniform(0.06, 0.15)
-    for _ in range(n * n // 100):  # blades from random roots, leaning a little
-        x0, y0 = rng.uniform(0, n, 2)
-        dx, dy = rng.normal(0, 0.3) * length, -length * rng.uniform(0.6, 1.0)
-        col = _rgb(hue + rng.normal(0, 12), rng.uniform(0.2, 0.55), rng.uniform(0.3, 0.85))
-        cv2.line(img, (int(x0), int(y0)), (int(x0 + dx), int(y0 + dy)), col.tolist(), 1)
-    return img
-
-
-def _bg_bricks(rng, n):
-    img = np.full((n, n, 3), _muted(rng), np.float32)  # mortar
-    brick, bh = _muted(rng), max(3, int(n * rng.uniform(0.06, 0.12)))
-    bw, gap = int(bh * rng.uniform(1.8, 2.6)), max(1, bh // 8)
-    for row, y in enumerate(range(0, n, bh)):
-        for x in range(-(row % 2) * bw // 2, n, bw):
-            col = np.clip(brick * rng.uniform(0.8, 1.15), 0, 255)
-            cv2.rectangle(img, (x + gap, y + gap), (x + bw - 1, y + bh - 1), col.tolist(), -1)
-    return img
-
-
-def _bg_waves(rng, n):
-    x, y = _grid(n)
-    p1, p2, amp = rng.uniform(0.08, 0.25), rng.uniform(0.2, 0.6), rng.uniform(0.1, 0.5)
-    t = 0.5 + 0.5 * np.sin(2 * np.pi * (y / p1 + amp * np.sin(2 * np.pi * x / p2)))
-    return _mix(t, _muted(rng), _muted(rng))
-
-
-def _bg_blotches(rng, n):
-    img = np.full((n, n, 3), _muted(rng), np.float32)
-    for _ in range(int(rng.integers(12, 26))):
-        c, axes = rng.uniform(0, n, 2), rng.uniform(0.04, 0.2, 2) * n
-        cv2.ellipse(img, (int(c[0]), int(c[1])), (int(axes[0]), int(axes[1])),
-                    rng.uniform(0, 180), 0, 360, _muted(rng).tolist(), -1)
-    return cv2.GaussianBlur(img, (0, 0), n * 0.015)
-
-
-def _bg_radial(rng, n):
-    x, y = _grid(n)
-    cx, cy = rng.uniform(-0.3, 1.3, 2)
-    r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
-    t = 0.5 + 0.5 * np.cos(2 * np.pi * r / rng.uniform(0.06, 0.2))
-    return _mix(t, _muted(rng), _muted(rng))
-
-
-def _bg_cells(rng, n):
-    x, y = _grid(n)
-    k = int(rng.integers(10, 26))
-    sx, sy = rng.random(k, np.float32), rng.random(k, np.float32)
-    nearest = np.argmin((x[..., None] - sx) ** 2 + (y[..., None] - sy) ** 2, axis=-1)
-    a, b = _muted(rng), _muted(rng)
-    palette = _mix(rng.random(k, np.float32), a, b)  # each cell between two colours
-    return palette[nearest]
-
-
-def _bg_plaid(rng, n):
-    x, y = _grid(n)
-    tx = (np.sin(2 * np.pi * x / rng.uniform(0.1, 0.3)) > 0.3).astype(np.float32)
-    ty = (np.sin(2 * np.pi * y / rng.uniform(0.1, 0.3)) > 0.3).astype(np.float32)
-    base, cx, cy = _muted(rng), _muted(rng), _muted(rng)
-    return (base * (1 - 0.5 * tx - 0.5 * ty)[..., None]
-            + cx * (0.5 * tx)[..., None] + cy * (0.5 * ty)[..., None])
-
-
-_BACKGROUNDS = [_bg_gradient, _bg_noise, _bg_stripes, _bg_grass, _bg_bricks,
-                _bg_waves, _bg_blotches, _bg_radial, _bg_cells, _bg_plaid]
-
-
-# ---------------------------------------------------------------- shapes
-# Outlines in a unit frame (about -1..1) as layers (points, fill): 255 adds, 0 cuts.
-
-def _ngon(k, radius=1.0, phase=-np.pi / 2):
-    t = phase + np.arange(k) * 2 * np.pi / k
-    return np.stack([radius * np.cos(t), radius * np.sin(t)], 1)
-
-
-def _heart():
-    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    return np.stack([x, y + 2.5], 1) / 16
-
-
-_ARM = 0.33  # half-width of the cross's arms
-_SHAPES = {
-    "arrow": [(np.array([[-1, -.25], [.2, -.25], [.2, -.65], [1, 0],
-                         [.2, .65], [.2, .25], [-1, .25]]), 255)],
-    "circle": [(_ngon(64), 255)],
-    "crescent": [(_ngon(64), 255), (_ngon(64, 0.85) + [0.45, 0], 0)],
-    "cross": [(np.array([[-_ARM, -1], [_ARM, -1], [_ARM, -_ARM], [1, -_ARM], [1, _ARM],
-                         [_ARM, _ARM], [_ARM, 1], [-_ARM, 1], [-_ARM, _ARM], [-1, _ARM],
-                         [-1, -_ARM], [-_ARM, -_ARM]]), 255)],
-    "heart": [(_heart(), 255)],
-    "hexagon": [(_ngon(6), 255)],
-    "ring": [(_ngon(64), 255), (_ngon(64, 0.55), 0)],
-    "square": [(_ngon(4, phase=np.pi / 4), 255)],
-    "star": [(_ngon(10) * np.where(np.arange(10) % 2, 0.45, 1.0)[:, None], 255)],  # 5 points
-    "triangle": [(_ngon(3), 255)],
-}
-
-
-# ---------------------------------------------------------------- object textures
-
-def _frac(a):
-    return a - np.floor(a)
-
-
-# name -> f(u, v, freq, phase, rng): a 0..1 pattern in the object's own frame (u, v),
-# so it turns with the object. Class i wears CLASS_TEXTURES[i].
-_TEXTURES = {
-    "solid": lambda u, v, f, p, rng: np.zeros_like(u),
-    "stripes": lambda u, v, f, p, rng: _frac(u * f + p) < 0.5,
-    "dots": lambda u, v, f, p, rng: ((_frac(u * f * 1.5) - .5) ** 2
-                                     + (_frac(v * f * 1.5) - .5) ** 2) < .08,
-    "gradient": lambda u, v, f, p, rng: np.clip((u + 1) / 2, 0, 1),
-    "checker": lambda u, v, f, p, rng: (np.floor(u * f) + np.floor(v * f)) % 2,
-    "grid": lambda u, v, f, p, rng: (_frac(u * f * 1.3) < .25) | (_frac(v * f * 1.3) < .25),
-    "zigzag": lambda u, v, f, p, rng: _frac(v * f * 1.5 + np.abs(_frac(u * f * 1.5) - .5)) < .5,
-    "squares": lambda u, v, f, p, rng: _frac(np.maximum(np.abs(u), np.abs(v)) * f + p) < .5,
-    "speckle": lambda u, v, f, p, rng: rng.random(u.shape, np.float32) < 0.35,
-    "diagonal": lambda u, v, f, p, rng: _frac((u + v) * f + p) < 0.5,
-}
-
-
-# ---------------------------------------------------------------- one image
-
-def _draw_object(rng, label, n):
-    """Return (mask uint8, colour image float32) of the class object at a random pose."""
-    layers = _SHAPES[CLASS_NAMES[label]]
-    a = rng.uniform(0, 2 * np.pi)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    outer = np.concatenate([p for p, fill in layers if fill]) @ rot.T
-    lo, hi = outer.min(0), outer.max(0)
-    k = rng.uniform(MIN_SCALE, MAX_SCALE) * n / (hi - lo).max()  # pixels per unit
-    # Place the centre so the whole outline stays inside the image.
-    centre = np.array([rng.uniform(-lo[i] * k, n - hi[i] * k) for i in (0, 1)])
-    mask = np.zeros((n, n), np.uint8)
-    for pts, fill in layers:  # 4 fractional bits keep small shapes crisp
-        px = np.round(((pts @ rot.T) * k + centre) * 16).astype(np.int32)
-        cv2.fillPoly(mask, [px], fill, cv2.LINE_8, shift=4)
-    # Pixel -> object frame: inverse rotation of the offset from the centre.
-    x, y = _grid(n)
-    dx, dy = x * n - centre[0], y * n - centre[1]
-    u = (dx * np.cos(a) + dy * np.sin(a)) / k
-    v = (-dx * np.sin(a) + dy * np.cos(a)) / k
-    hue = CLASS_HUES[label] + rng.uniform(-6, 6)
-    sat, val = rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)
-    t = _TEXTURES[CLASS_TEXTURES[label]](u.astype(np.float32), v.astype(np.float32),
-                                         rng.uniform(1.6, 2.2), rng.uniform(0, 1), rng)
-    t = np.asarray(t, np.float32)
-    return mask, _mix(t, _rgb(hue, sat, val), _rgb(hue, sat, val * 0.45))
-
-
-def _draw_clutter(rng, img, limit):
-    """A few blobs, lines and dot clusters, none a class shape, each under `limit` px."""
-    n = img.shape[0]
-    for _ in range(int(rng.integers(2, 7))):
-        col = _rgb(rng.uniform(0, 360), rng.uniform(0.1, 0.8), rng.uniform(0.2, 0.95)).tolist()
-        c, r = rng.uniform(0, n, 2), rng.uniform(0.15, 0.3) * limit  # size <= 0.6 limit
-        kind = rng.integers(3)
-        if kind == 0:  # irregular blob: random radii at sorted random angles
-            t = np.sort(rng.uniform(0, 2 * np.pi, 7))
-            rad = r * rng.uniform(0.4, 1.0, 7)
-            pts = np.stack([c[0] + rad * np.cos(t), c[1] + rad * np.sin(t)], 1)
-            cv2.fillPoly(img, [pts.astype(np.int32)], col)
-        elif kind == 1:
-            angle = rng.uniform(0, np.pi)
-            d = r * np.array([np.cos(angle), np.sin(angle)])
-            cv2.line(img, tuple((c - d).astype(int).tolist()), tuple((c + d).astype(int).tolist()),
-                     col, int(rng.integers(1, max(2, n // 90))))
-        else:
-            for p in c + rng.uniform(-r, r, (int(rng.integers(3, 8)), 2)):
-                radius = int(rng.integers(1, max(2, n // 80)))
-                cv2.circle(img, tuple(p.astype(int).tolist()), radius, col, -1)
-
-
-def _render(rng, label, n, habitat_bias):
-    """One RGB uint8 image, its mask and its background style index."""
-    tied = rng.random() < habitat_bias  # the spurious "habitat" cue
-    style = label if tied else int(rng.integers(len(_BACKGROUNDS)))
-    img = _BACKGROUNDS[style](rng, n)
-    mask, obj = _draw_object(rng, label, n)
-    ys, xs = np.nonzero(mask)
-    _draw_clutter(rng, img, limit=max(np.ptp(xs), np.ptp(ys)) + 1)  # behind the object
-    inside = mask > 0
-    img[inside] = obj[inside]
-    img += rng.normal(0, 3, img.shape).astype(np.float32)  # sensor-like grain
-    bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-    return np.clip(img, 0, 255).astype(np.uint8), mask, style, bbox
-
-
-# ---------------------------------------------------------------- dataset
 
 def _check_int(name, value, lo, hi=None):
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -288,16 +59,21 @@ def _check_int(name, value, lo, hi=None):
         raise ValueError(f"{name} must be an integer {span}, got {value!r}")
 
 
-def _check_args(n_train, n_val, size, num_classes, habitat_bias, seed, quality, progress):
-    _check_int("num_classes", num_classes, 2, len(CLASS_NAMES))
+def _check_share(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def _check_args(n_train, n_val, spec: SynthSpec, progress):
+    _check_int("num_classes", spec.num_classes, 2, len(CLASS_NAMES))
     # Every class needs a folder in both splits, or Keras would number classes differently.
-    _check_int("n_train", n_train, num_classes)
-    _check_int("n_val", n_val, num_classes)
-    _check_int("size", size, 32, 4096)
-    _check_int("seed", seed, 0)
-    _check_int("quality", quality, 1, 100)
-    if not isinstance(habitat_bias, numbers.Real) or isinstance(habitat_bias, bool) or not 0 <= habitat_bias <= 1:
-        raise ValueError(f"habitat_bias must be in [0, 1], got {habitat_bias!r}")
+    _check_int("n_train", n_train, spec.num_classes)
+    _check_int("n_val", n_val, spec.num_classes)
+    _check_int("size", spec.size, 32, 4096)
+    _check_int("seed", spec.seed, 0)
+    _check_int("quality", spec.quality, 1, 100)
+    _check_share("habitat_bias", spec.habitat_bias)
+    _check_share("colour_cue", spec.colour_cue)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be callable or None, got {progress!r}")
 
@@ -307,26 +83,33 @@ def _class_counts(total, k):
     return [total // k + (c < total % k) for c in range(k)]
 
 
-def _prepare_target(out_dir, force):
-    """Refuse to overwrite a non-empty out_dir unless forced; never delete a parent of cwd."""
-    if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        return
-    if not force:
-        raise FileExistsError(f"output folder {out_dir!r} exists and is not empty (use --force to replace it)")
-    # --force on a typo like "." or "~" must not wipe the project or the home folder.
-    cwd, protected = os.getcwd(), (os.path.abspath(os.sep), os.path.expanduser("~"))
-    if out_dir in protected or cwd == out_dir or cwd.startswith(out_dir + os.sep):
-        raise ValueError(f"refusing to delete {out_dir!r}: it is /, home or holds the current folder")
+def _rng(spec: SynthSpec, split: str, index: int, stream: int = 0):
+    """Image `index` of `split` is drawn from [seed, split, index]: independent of order and
+    of other images. A side stream (colour, counterfactual background) appends one word."""
+    words = [spec.seed, SPLITS.index(split), index] + ([stream] if stream else [])
+    return np.random.default_rng(np.random.SeedSequence(words))
 
 
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+def _free_hue(spec: SynthSpec, split: str, index: int):
+    """With probability 1 - colour_cue, a hue drawn independently of the class (else None).
+    At colour_cue 1 (the default) nothing is drawn: the images are today's, bit for bit."""
+    if spec.colour_cue >= 1:
+        return None
+    side = _rng(spec, split, index, _COLOUR_STREAM)
+    return float(side.uniform(0, 360)) if side.random() >= spec.colour_cue else None
 
 
-def _write_split(root, split, counts, n, seed, habitat_bias, quality, tick):
+def _draw(spec: SynthSpec, split: str, index: int, label: int, variant: Variant | None = None):
+    return render(_rng(spec, split, index), label, spec.size, spec.habitat_bias,
+                  _free_hue(spec, split, index), variant)
+
+
+def _save(root, file, mask_file, img, mask, quality):
+    write_rgb(root, file, img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    write_rgb(root, mask_file, mask)
+
+
+def _write_split(root, split, counts, spec: SynthSpec, tick):
     """Write one split's images and masks; return their per-image records."""
     records, index = [], 0
     for label, count in enumerate(counts):
@@ -334,15 +117,10 @@ def _write_split(root, split, counts, n, seed, habitat_bias, quality, tick):
         os.makedirs(os.path.join(root, split, name))
         os.makedirs(os.path.join(root, "masks", split, name))
         for _ in range(count):
-            # Seeded from (seed, split, index): independent of order and of other images.
-            rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
-            img, mask, style, bbox = _render(rng, label, n, habitat_bias)
+            img, mask, style, bbox = _draw(spec, split, index, label)
             stem = f"{index:06d}"
             file, mask_file = f"{split}/{name}/{stem}.jpg", f"masks/{split}/{name}/{stem}.png"
-            bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # cv2 writes BGR
-            if not (cv2.imwrite(os.path.join(root, file), bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-                    and cv2.imwrite(os.path.join(root, mask_file), mask)):
-                raise OSError(f"could not write {file} under {root!r}")
+            _save(root, file, mask_file, img, mask, spec.quality)
             records.append({"file": file, "mask": mask_file, "split": split, "label": label,
                             "class": name, "background_style": style, "bbox": bbox})
             index += 1
@@ -350,26 +128,69 @@ def _write_split(root, split, counts, n, seed, habitat_bias, quality, tick):
     return records
 
 
+def counterfactual_variant(spec: SynthSpec, which: str, index: int, label: int) -> Variant:
+    """The departure of counterfactual set `which` for validation image `index`."""
+    if which == "neutral":
+        return Variant(style=NEUTRAL_INDEX, rng=_rng(spec, "validation", index, _NEUTRAL_STREAM))
+    if which == "swapped":  # the habitat of another class, chosen per image
+        side = _rng(spec, "validation", index, _SWAP_STREAM)
+        other = (label + 1 + int(side.integers(spec.num_classes - 1))) % spec.num_classes
+        return Variant(style=other, rng=side)
+    if which == "background-only":
+        return Variant(remove_object=True)
+    raise ValueError(f"unknown counterfactual set {which!r}; one of {', '.join(COUNTERFACTUAL_SETS)}")
+
+
+def _write_counterfactuals(root, val_records, spec: SynthSpec, tick):
+    """The three counterfactual copies of every validation image; their records."""
+    records = []
+    for which in COUNTERFACTUAL_SETS:
+        for name in CLASS_NAMES[:spec.num_classes]:
+            os.makedirs(os.path.join(root, COUNTERFACTUAL_DIR, which, name))
+            os.makedirs(os.path.join(root, "masks", COUNTERFACTUAL_DIR, which, name))
+        for rec in val_records:
+            index, label = int(os.path.basename(rec["file"])[:-4]), rec["label"]
+            img, mask, style, _ = _draw(spec, "validation", index, label,
+                                        counterfactual_variant(spec, which, index, label))
+            rel = rec["file"].split("/", 1)[1]  # <class>/<stem>.jpg
+            file = f"{COUNTERFACTUAL_DIR}/{which}/{rel}"
+            mask_file = f"masks/{COUNTERFACTUAL_DIR}/{which}/{rel[:-4]}.png"
+            _save(root, file, mask_file, img, mask, spec.quality)
+            records.append({"file": file, "mask": mask_file, "set": which, "source": rec["file"],
+                            "label": label, "class": rec["class"], "background_style": style,
+                            "habitat_class": style if style < spec.num_classes else None,
+                            "object": which != "background-only", "bbox": rec["bbox"]})
+            tick()
+    return records
+
+
 def generate(out_dir, n_train=1096, n_val=272, size=224, num_classes=10, habitat_bias=0.0,
-             seed=0, quality=92, progress=None, force=False) -> dict:
+             seed=0, quality=92, progress=None, force=False, colour_cue=1.0, counterfactuals=None) -> dict:
     """Generate the synthetic dataset into out_dir (see the module docstring for the layout).
 
     habitat_bias: probability that an image's background style is the one tied to its
-    class (style index = class index), a deliberate spurious cue. force: replace a
-    non-empty out_dir. progress: optional callable(done, total) called per image.
-    Returns {"out_dir", "n_train", "n_val", "classes", "seconds"}.
+    class (style index = class index), a deliberate spurious cue. colour_cue: probability
+    that the object wears its class's colour; otherwise its hue is drawn independently of
+    the class, so shape and texture must carry it (1: every object, today's images bit
+    for bit; 0: colour says nothing). counterfactuals: write the three counterfactual
+    validation sets (default: when habitat_bias > 0). force: replace a non-empty out_dir.
+    progress: optional callable(done, total) called per image.
+    Returns {"out_dir", "n_train", "n_val", "classes", "seconds", "counterfactual"}.
     """
-    _check_args(n_train, n_val, size, num_classes, habitat_bias, seed, quality, progress)
+    spec = SynthSpec(size, num_classes, habitat_bias, colour_cue, seed, quality)
+    _check_args(n_train, n_val, spec, progress)
     # Plain Python numbers from here on (numpy ints would not serialise to JSON).
-    n_train, n_val, size, num_classes, seed, quality = map(int, (n_train, n_val, size, num_classes, seed, quality))
-    habitat_bias = float(habitat_bias)
+    n_train, n_val = int(n_train), int(n_val)
+    spec = SynthSpec(int(size), int(num_classes), float(habitat_bias), float(colour_cue), int(seed), int(quality))
+    with_cf = spec.habitat_bias > 0 if counterfactuals is None else bool(counterfactuals)
     start = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
-    _prepare_target(out_dir, force)
+    prepare_target(out_dir, force)
     partial = out_dir + ".partial"
-    _remove(partial)  # leftovers of an interrupted run
-    counts = {"training": _class_counts(n_train, num_classes), "validation": _class_counts(n_val, num_classes)}
-    total, done = n_train + n_val, 0
+    remove_path(partial)  # leftovers of an interrupted run
+    counts = {"training": _class_counts(n_train, spec.num_classes),
+              "validation": _class_counts(n_val, spec.num_classes)}
+    total, done = n_train + n_val * (1 + len(COUNTERFACTUAL_SETS) * with_cf), 0
 
     def tick():
         nonlocal done
@@ -379,20 +200,26 @@ def generate(out_dir, n_train=1096, n_val=272, size=224, num_classes=10, habitat
     try:
         records = []
         for split in SPLITS:
-            records += _write_split(partial, split, counts[split], size, seed, habitat_bias, quality, tick)
-        names = CLASS_NAMES[:num_classes]
-        meta = {"generator": "explicam synth", "format_version": 1, "seed": seed,
-                "size": size, "num_classes": num_classes, "class_names": names,
-                "n_train": n_train, "n_val": n_val, "habitat_bias": habitat_bias, "quality": quality,
+            records += _write_split(partial, split, counts[split], spec, tick)
+        names = CLASS_NAMES[:spec.num_classes]
+        meta = {"generator": "explicam synth", "format_version": 1, "seed": spec.seed,
+                "size": spec.size, "num_classes": spec.num_classes, "class_names": names,
+                "n_train": n_train, "n_val": n_val, "habitat_bias": spec.habitat_bias,
+                "colour_cue": spec.colour_cue, "quality": spec.quality,
                 "counts": {s: dict(zip(names, c)) for s, c in counts.items()},
-                "class_textures": CLASS_TEXTURES[:num_classes],
+                "class_textures": CLASS_TEXTURES[:spec.num_classes],
                 "background_styles": BACKGROUND_STYLES, "images": records}
+        if with_cf:
+            val = [r for r in records if r["split"] == "validation"]
+            meta["counterfactual"] = {"sets": list(COUNTERFACTUAL_SETS), "folder": COUNTERFACTUAL_DIR,
+                                      "neutral_style": NEUTRAL_STYLE, "neutral_index": NEUTRAL_INDEX,
+                                      "images": _write_counterfactuals(partial, val, spec, tick)}
         with open(os.path.join(partial, "dataset.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        _remove(out_dir)  # only now, so a failed run leaves the old dataset alone
-        os.rename(partial, out_dir)
+        publish(partial, out_dir)  # only now, so a failed run leaves the old dataset alone
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"out_dir": out_dir, "n_train": n_train, "n_val": n_val, "classes": list(names),
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.perf_counter() - start, 3),
+            "counterfactual": list(COUNTERFACTUAL_SETS) if with_cf else []}

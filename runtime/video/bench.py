@@ -18,8 +18,9 @@ import cv2
 import numpy as np
 
 from explicam.runtime.bench import plain_forward_session
-from explicam.runtime.video.capture import Source
 from explicam.runtime.images import resize_rgb
+from explicam.runtime.video.capture import Source
+from explicam.runtime.video.config import StreamConfig
 from explicam.runtime.video.sinks import NullSink, VideoFileSink
 from explicam.runtime.video.loop import make_explainers, run_stream
 
@@ -119,7 +120,7 @@ def bench_video(model_path, frames: int = 3000, method: str = "gradcam", size=(6
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}: the loop ({method}) over {per_round} frames, then the forward pass")
             sinks = [null] + ([VideoFileSink(os.path.join(tmp, f"out{r}.mp4"), 30.0)] if output else [])
-            loops.append(run_stream(Source(clip, "bench clip", "file"), workers, method, sinks=sinks))
+            loops.append(run_stream(Source(clip, "bench clip", "file"), workers, StreamConfig(method=method), sinks))
             rss_end = rss_mb()
             forward.append(_forward_fps(explainer, plain, small, seconds))
     def ratios(k):  # each round's loop against the mean of the forward rates either side of it

@@ -8,6 +8,11 @@ is skipped, and reading simply waits for the explainer.
 
 The capture thread also shrinks each frame to the model's input (the same resize the
 model would apply), so that work runs in parallel with the explainer.
+
+A network camera that stops delivering (Wi-Fi drop, camera reboot) is reopened by the same
+thread with a growing wait (Reconnect: 1, 2, 4 ... 30 s), one log line per attempt; the
+loop and its sinks never notice more than a pause, so a recording and the live page go on
+across the gap. A local camera or a file ends as before.
 """
 from __future__ import annotations
 
@@ -36,6 +41,17 @@ class Source:
     def live(self) -> bool:
         """Newest-frame semantics (drop what the explainer cannot keep up with)."""
         return self.kind != "file" or self.realtime
+
+
+@dataclass
+class Reconnect:
+    """How a source that stops delivering is reopened."""
+    max_retries: int | None = None   # attempts in a row without a frame; None: for ever
+    first: float = 1.0               # seconds before the first attempt; doubled each time
+    longest: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.longest, self.first * 2 ** (attempt - 1))
 
 
 @dataclass
@@ -107,7 +123,11 @@ def open_capture(source: Source):
             raise ValueError(f"{path}: empty file (0 bytes)")
     # One decoder thread: the capture thread is already one stage of a pipeline that keeps
     # every core busy, and FFmpeg's own threads only add hand-offs (-20% decode CPU here).
-    cap = cv2.VideoCapture(source.target, cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, 1])
+    params = [cv2.CAP_PROP_N_THREADS, 1]
+    if source.kind == "stream" and hasattr(cv2, "CAP_PROP_READ_TIMEOUT_MSEC"):
+        # a camera that vanishes mid-read must not hang the read for ever: it is reconnected
+        params += [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
+    cap = cv2.VideoCapture(source.target, cv2.CAP_ANY, params)
     if not cap.isOpened():
         what = "not a readable video (corrupt or unsupported format)" if source.kind == "file" else \
             "cannot connect to the stream"
@@ -173,17 +193,33 @@ class Mailbox:
             self._not_full.notify_all()
 
 
+class _Closed:
+    """Stands in for a source that could not be reopened yet: every read fails."""
+
+    def read(self):
+        return False, None
+
+    def release(self):
+        pass
+
+
 class Capture(threading.Thread):
     """Reads frames into a Mailbox as (index, bgr, model_input_rgb) until the source ends.
 
     prepare(bgr) -> the model's input, computed here, off the explainer's thread.
-    lost_after: a live source that fails to deliver for this long counts as lost."""
+    lost_after: a live source that fails to deliver for this long counts as lost, or,
+    with `reconnect`, is reopened (log says so, one line per attempt)."""
 
-    def __init__(self, cap, source: Source, prepare, lost_after: float = 3.0):
+    def __init__(self, cap, source: Source, prepare, lost_after: float = 3.0, reconnect: Reconnect | None = None,
+                 log=None):
         super().__init__(name=f"capture {source.name}", daemon=True)
         self.cap, self.source, self.prepare, self.lost_after = cap, source, prepare, lost_after
+        self.reconnect, self.log = reconnect, log or (lambda msg: None)
         self.frames = Mailbox(1 if source.live else 4, drop_oldest=source.live)
         self.read_count = 0
+        self.retries = 0        # attempts since the last frame
+        self.reconnects = 0     # times the source came back
+        self._why = ""          # why the last attempt failed
         self.last_frame = time.monotonic()
         self.fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         if not 1.0 <= self.fps <= 240.0:
@@ -211,11 +247,21 @@ class Capture(threading.Thread):
                     return End("end")
                 # a camera or stream may hiccup; only a lasting silence means it is gone
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > self.lost_after:
+                if time.monotonic() - failing_since <= self.lost_after and not self._why:
+                    time.sleep(0.02)
+                    continue
+                if self.reconnect is None:
                     return End("lost", f"{self.source.name} stopped delivering frames")
-                time.sleep(0.02)
+                end = self._retry()
+                if end is not None:
+                    return end
+                failing_since = None
                 continue
             failing_since = None
+            if self.retries:
+                self.log(f"{self.source.name}: back after {self.retries} retr{'y' if self.retries == 1 else 'ies'} "
+                         f"({time.monotonic() - self.last_frame:.1f} s without frames)")
+                self.retries, self.reconnects = 0, self.reconnects + 1
             if bgr.ndim == 2:
                 bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
             if pace:  # --realtime: a file plays at its own speed, like a camera would deliver it
@@ -227,6 +273,27 @@ class Capture(threading.Thread):
             if not self.frames.put((self.read_count - 1, bgr, self.prepare(bgr))):
                 break
         return End("stopped")
+
+    def _retry(self) -> End | None:
+        """One reopening attempt, after its wait; an End when it is time to give up."""
+        policy, name = self.reconnect, self.source.name
+        if policy.max_retries is not None and self.retries >= policy.max_retries:
+            return End("lost", f"{name} stopped delivering frames; gave up after {self.retries} "
+                               f"retr{'y' if self.retries == 1 else 'ies'} (--max-retries {policy.max_retries})")
+        self.retries += 1
+        delay = policy.delay(self.retries)
+        of = f"/{policy.max_retries}" if policy.max_retries is not None else ""
+        self.log(f"{name}: no frames for {time.monotonic() - self.last_frame:.1f} s; reconnecting in {delay:g} s "
+                 f"(retry {self.retries}{of}{'; last try: ' + self._why if self._why else ''})")
+        if self._halt.wait(delay):
+            return End("stopped")
+        self.cap.release()
+        try:
+            self.cap = open_capture(self.source)
+            self._why = ""
+        except ValueError as exc:  # not back yet: the next attempt follows its wait at once
+            self.cap, self._why = _Closed(), str(exc).split(": ", 1)[-1]
+        return None
 
     def release(self, timeout: float = 2.0) -> None:
         """Stop reading and free the device; a thread stuck in a driver call is left to

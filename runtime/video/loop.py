@@ -24,9 +24,10 @@ import cv2
 
 from explicam import camkernels
 from explicam.runtime import overlay as ov
-from explicam.runtime.video.capture import Capture, End, Mailbox, Source, open_capture
 from explicam.runtime.images import resize_rgb
-from explicam.runtime.video.sinks import ServeSink, VideoFileSink, WindowSink, no_display_reason
+from explicam.runtime.video.capture import Capture, End, Mailbox, Source, open_capture
+from explicam.runtime.video.config import StreamConfig
+from explicam.runtime.video.sinks import ServeSink, VideoFileSink, WindowSink, make_sinks
 
 
 @dataclass
@@ -39,7 +40,8 @@ class StreamResult:
     reason: str = "end"          # end, lost, stopped (q / window closed / --max-frames), interrupted
     message: str = ""
     outputs: list = field(default_factory=list)   # (path, frames) of finished video files
-    url: str | None = None
+    url: str | None = None       # the live view's address, without its token
+    reconnects: int = 0          # times a network source came back after a gap
 
     @property
     def fps(self) -> float:
@@ -132,30 +134,33 @@ def make_explainers(model_path, in_flight: int = 2, kernels: str = "auto", threa
     return [Explainer(model_path, kernels=kernels, threads=per, batch_size=1) for _ in range(max(1, in_flight))]
 
 
-def run_stream(source: Source, explainer, method: str = "gradcam", target=None, sinks=(), alpha: float = 0.5,
-               colormap: str = "jet", max_frames: int | None = None, labels: bool = True, cap=None,
-               lost_after: float = 3.0, first_frame_timeout: float = 10.0, log=None) -> StreamResult:
+def run_stream(source: Source, explainer, config: StreamConfig | None = None, sinks=(), cap=None,
+               log=None) -> StreamResult:
     """Explain `source` frame by frame into `sinks` until it ends or is stopped.
-    `explainer`: one Explainer, or a list of them for several frames in flight."""
+    `explainer`: one Explainer, or a list of them for several frames in flight. `config`
+    gives the method, target, overlay, --max-frames and reconnection (the sinks are made
+    by the caller: make_sinks)."""
+    cfg = config or StreamConfig()
     log = log or (lambda msg: None)
     explainers = list(explainer) if isinstance(explainer, (list, tuple)) else [explainer]
     explainer = explainers[0]
-    blender = ov.Blender(alpha, colormap)  # colour map and alpha fixed once per stream
+    blender = ov.Blender(cfg.alpha, cfg.colormap)  # colour map and alpha fixed once per stream
     size = explainer.input_size
-    explainer.resolve_targets(target, 1)
+    explainer.resolve_targets(cfg.target, 1)
 
     def prepare(bgr):  # the model's resize and RGB; on the capture thread
         return shrink_to_input(bgr, size, rgb=True)
 
-    capture = Capture(cap if cap is not None else open_capture(source), source, prepare, lost_after)
+    capture = Capture(cap if cap is not None else open_capture(source), source, prepare, cfg.lost_after,
+                      cfg.reconnect_policy(source), log)
     results = Mailbox(2 * len(explainers), drop_oldest=False)
     stop = threading.Event()
     group = Workers(len(explainers))
     workers = [threading.Thread(target=_explain_thread, name=f"explain {i}", daemon=True,
-                                args=(e, method, target, capture.frames, results, stop, group))
+                                args=(e, cfg.method, cfg.target, capture.frames, results, stop, group))
                for i, e in enumerate(explainers)]
     result = StreamResult(source.name)
-    result.url = next((s.url for s in sinks if isinstance(s, ServeSink)), None)
+    result.url = next((s.server.public_url for s in sinks if isinstance(s, ServeSink)), None)
     meter, t0 = FpsMeter(), time.perf_counter()
     restore = _sigterm_as_interrupt()
     # Each stage has its own thread already; OpenCV's pool on top would only fight
@@ -166,8 +171,7 @@ def run_stream(source: Source, explainer, method: str = "gradcam", target=None, 
         capture.start()
         for worker in workers:
             worker.start()
-        end = _loop(capture, results, sinks, blender, meter, method, target, labels, max_frames, result,
-                    first_frame_timeout, lost_after)
+        end = _loop(capture, results, sinks, blender, meter, cfg, result)
         result.reason, result.message = end.reason, end.message
         if end.error is not None:  # raised once the outputs below are finished
             raise end.error
@@ -184,6 +188,7 @@ def run_stream(source: Source, explainer, method: str = "gradcam", target=None, 
                 worker.join(timeout=5)
             result.seconds = time.perf_counter() - t0
             result.read, result.dropped = capture.read_count, capture.frames.dropped
+            result.reconnects = capture.reconnects
             _close_sinks(sinks, result, log)
         finally:
             ignore()
@@ -218,15 +223,16 @@ def _in_order(capture):
     return ready
 
 
-def _loop(capture, results, sinks, blender, meter, method, target, labels, max_frames, result,
-          first_frame_timeout, lost_after) -> End:
+def _loop(capture, results, sinks, blender, meter, cfg: StreamConfig, result) -> End:
     order = _in_order(capture)
+    method, target, max_frames = cfg.method, cfg.target, cfg.max_frames
+    first_frame_timeout, lost_after = cfg.first_frame_timeout, cfg.lost_after
     while True:
         item = results.get(timeout=0.25)
         if item is None:  # nothing yet: is the camera still alive?
             silent = time.monotonic() - capture.last_frame
-            if not capture.source.live:
-                continue
+            if not capture.source.live or capture.reconnect is not None:
+                continue  # a file is read at the explainer's pace; a reconnecting source decides itself
             if not capture.read_count and silent > first_frame_timeout:
                 return End("lost", f"it opened, but no frame came within {first_frame_timeout:g} s")
             if capture.read_count and silent > lost_after:
@@ -237,7 +243,7 @@ def _loop(capture, results, sinks, blender, meter, method, target, labels, max_f
         for _index, bgr, heat, name, prob, target_name in order(item):
             frame = blender.blend(bgr, heat)
             fps = meter.tick()
-            if labels:
+            if cfg.labels:
                 ov.draw_labels(frame, [f"{name} {prob:.1%}", f"{method}"
                                        f"{' -> ' + target_name if target is not None else ''}  {fps:.1f} FPS"])
             for sink in sinks:
@@ -281,65 +287,46 @@ def _ignore_signals():
     return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 
-def make_sinks(source: Source, method: str, show=False, output=None, serve=None, host="127.0.0.1", out="out",
-               fps=None, log=None) -> list:
-    """The sinks the options ask for. A video file with none writes out/<name>_<method>.mp4
-    (its work is kept); a camera with none opens a window where there is a display."""
-    log = log or (lambda msg: None)
-    sinks = []
-    if not (show or output or serve is not None):
-        if source.kind == "file":
-            output = os.path.join(out, f"{os.path.splitext(os.path.basename(source.target))[0]}_{method}.mp4")
-        elif no_display_reason() is None:
-            show = True
-        else:
-            raise ValueError(f"{source.name}: say where the frames should go: --show (needs a display; "
-                             f"{no_display_reason()}), --output out.mp4, or --serve 8080 for a browser")
-    if show:
-        try:
-            sinks.append(WindowSink(f"explicam - {source.name}"))
-        except ValueError as exc:
-            if not (output or serve is not None):
-                raise
-            log(f"warning: {exc}")
-    if output:
-        sinks.append(VideoFileSink(output, None if source.live else (fps if fps and 1 <= fps <= 240 else 25.0)))
-    if serve is not None:
-        sinks.append(ServeSink(serve, host, f"explicam live: {source.name} ({method})"))
-    return sinks
-
-
-def explain_stream(source: Source, model=None, method="gradcam", target=None, show=False, output=None,
-                   serve=None, host="127.0.0.1", out="out", alpha=0.5, colormap="jet", labels=True,
-                   max_frames=None, kernels="auto", threads=None, explainer=None, in_flight=None,
-                   log=None) -> StreamResult:
+def explain_stream(source: Source, config: StreamConfig | None = None, explainer=None, log=None) -> StreamResult:
     """What `cli.py explain --webcam/--video` runs: check everything, then the loop.
-    in_flight: frames explained at once [default: 2 on a machine with 2 cores or more]."""
+    Options are checked before the camera opens, the camera before the model loads."""
     from explicam.runtime.methods import METHODS
     from explicam.runtime.model import newest_model
 
+    cfg = config or StreamConfig()
     log = log or (lambda msg: None)
-    if method not in METHODS:
-        raise ValueError(f"--method: video takes one method, one of {', '.join(METHODS)} (got {method!r})")
-    ov.Blender(alpha, colormap)  # bad --alpha / --colormap fail before the camera opens
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method: video takes one method, one of {', '.join(METHODS)} (got {cfg.method!r})")
+    ov.Blender(cfg.alpha, cfg.colormap)  # bad --alpha / --colormap fail before the camera opens
+    cfg.check(source)
+    serving = cfg.serve_options() if cfg.serve is not None else None
     cap = open_capture(source)
     sinks = []
     try:
         # a file's recording plays at the original speed; a live one's rate is measured
-        sinks = make_sinks(source, method, show, output, serve, host, out, cap.get(cv2.CAP_PROP_FPS), log)
+        sinks = make_sinks(source, cfg, serving, cap.get(cv2.CAP_PROP_FPS), log)
         if explainer is None:
-            in_flight = in_flight or (2 if (os.cpu_count() or 1) >= 2 else 1)
-            explainer = make_explainers(model or newest_model(), in_flight, kernels, threads)
+            in_flight = cfg.in_flight or (2 if (os.cpu_count() or 1) >= 2 else 1)
+            explainer = make_explainers(cfg.model or newest_model(), in_flight, cfg.kernels, cfg.threads)
         first = explainer[0] if isinstance(explainer, list) else explainer
-        first.resolve_targets(target, 1)  # an unknown --target: said now, not after the first frame
+        first.resolve_targets(cfg.target, 1)  # an unknown --target: said now, not after the first frame
         for s in sinks:
             if isinstance(s, ServeSink):
-                log(f"live view: {s.url}  (only / and /stream are served)")
-        log(f"explaining {source.name} with {method}; " + ("press q in the window or " if any(
+                _announce(s.server, cfg, log)
+        log(f"explaining {source.name} with {cfg.method}; " + ("press q in the window or " if any(
             isinstance(s, WindowSink) for s in sinks) else "") + "Ctrl-C to stop")
     except BaseException:
         cap.release()
         for s in sinks:
             s.close()
         raise
-    return run_stream(source, explainer, method, target, sinks, alpha, colormap, max_frames, labels, cap=cap, log=log)
+    return run_stream(source, explainer, cfg, sinks, cap=cap, log=log)
+
+
+def _announce(server, cfg: StreamConfig, log) -> None:
+    """The one line that carries the token (nothing else prints it), and the warning an
+    open server on the network deserves."""
+    log(f"live view: {server.url}  (only / and /stream are served; at most {server.options.max_clients} viewers)")
+    if cfg.no_token:
+        where = "this machine" if server.access.loopback else "anyone who can reach this port"
+        log(f"warning: --no-token: the live camera at {server.public_url} is open to {where}, without a token")

@@ -135,12 +135,13 @@ class WindowSink:
 
 
 class ServeSink:
-    """Hands frames to the MJPEG server (runtime/mjpeg.py)."""
+    """Hands frames to the MJPEG server (mjpeg.py): a reference swap, never a wait.
+    `url` carries the token when there is one."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", title: str = "explicam live"):
+    def __init__(self, port: int, host: str = "127.0.0.1", title: str = "explicam live", options=None):
         from explicam.runtime.video.mjpeg import MjpegServer
 
-        self.server = MjpegServer(port, host, title)
+        self.server = MjpegServer(port, host, title, options)
         self.url = self.server.url
         self.stop_requested = False
 
@@ -165,3 +166,36 @@ class NullSink:
 
     def close(self) -> None:
         pass
+
+
+def make_sinks(source, cfg, serving=None, fps=None, log=None) -> list:
+    """The sinks a StreamConfig asks for. A video file with none writes
+    out/<name>_<method>.mp4 (its work is kept); a camera with none opens a window where
+    there is a display. serving: the live server's ServeOptions (token resolved)."""
+    log = log or (lambda msg: None)
+    sinks, show, output = [], cfg.show, cfg.output
+    if not (show or output or cfg.serve is not None):
+        if source.kind == "file":
+            output = os.path.join(cfg.out, f"{os.path.splitext(os.path.basename(source.target))[0]}_{cfg.method}.mp4")
+        elif no_display_reason() is None:
+            show = True
+        else:
+            raise ValueError(f"{source.name}: say where the frames should go: --show (needs a display; "
+                             f"{no_display_reason()}), --output out.mp4, or --serve 8080 for a browser")
+    try:
+        if show:
+            try:
+                sinks.append(WindowSink(f"explicam - {source.name}"))
+            except ValueError as exc:
+                if not (output or cfg.serve is not None):
+                    raise
+                log(f"warning: {exc}")
+        if output:
+            sinks.append(VideoFileSink(output, None if source.live else (fps if fps and 1 <= fps <= 240 else 25.0)))
+        if cfg.serve is not None:
+            sinks.append(ServeSink(cfg.serve, cfg.host, f"explicam live: {source.name} ({cfg.method})", serving))
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks

@@ -1,0 +1,266 @@
+"""explicam's reverse-mode differentiation of ONNX graphs.
+
+onnxruntime has no autograd, so the gradient of the explained score with respect to the
+feature map is written into the model with forward ONNX ops: walk the nodes between the
+feature tensor and the score backwards, and let each op's vector-Jacobian rule
+(autodiff_rules.py, autodiff_nn.py: one function per op type) turn the gradient of its
+outputs into the gradient of its inputs. Nodes that do not depend on the features are
+constants for this, and shape subgraphs (Shape, Gather, Concat of int64...) carry no
+gradient, so they stay as they are. A tensor read by several nodes sums their gradients.
+
+    model, info = export_gradients("resnet.onnx")           # layer="auto", output=None, input_size=None
+    report, failures = self_check("resnet.onnx", model.SerializeToString())
+
+The new model keeps the original inputs and outputs and adds:
+  input   target (N,) int64 with a default of [-1] (negative = top-1), so it need not be fed
+  outputs logits (N, classes) the score; probabilities; features (N, h, w, C) NHWC whatever
+          the model's layout; grads (N, h, w, C) = d logits[n, target_used[n]] / d features;
+          target_used (N,) int64
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import autodiff_nn  # noqa: F401  (registers the network ops' rules)
+from .autodiff_rules import VJP
+from .graph import (FLOAT_TYPES, Graph, GraphError, ancestors, constant_values, float_dependents, pick_features,
+                    prepare)
+
+RESERVED = ("target", "logits", "probabilities", "features", "grads", "target_used")
+META_KEY = "explicam_autodiff"
+
+
+def supported_ops() -> list[str]:
+    return sorted(VJP)
+
+
+class Builder:
+    """Appends nodes and constants to a model and answers the rules' questions about it."""
+
+    def __init__(self, model, shapes: dict, dtypes: dict, opset: int, prefix: str = "explicam/"):
+        self.graph, self.shapes, self.dtypes, self.opset, self.prefix = model.graph, shapes, dtypes, opset, prefix
+        self.values = constant_values(model)
+        self.taken = {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer} | \
+            {i.name for i in model.graph.input} | {n.name for n in model.graph.node}
+        self.count, self.cache = 0, {}
+
+    def fresh(self, hint: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{self.prefix}{hint}_{self.count}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def node(self, op_type, inputs, outputs, **attrs):
+        self.graph.node.append(helper.make_node(op_type, list(inputs), list(outputs), name=self.fresh(op_type),
+                                                **{k: v for k, v in attrs.items() if v is not None}))
+        return outputs[0] if len(outputs) == 1 else list(outputs)
+
+    def op(self, op_type, *inputs, n_out: int | None = None, **attrs):
+        """One node; its output's name, or the list of `n_out` names when n_out is given."""
+        outs = [self.fresh(op_type.lower()) for _ in range(n_out or 1)]
+        self.node(op_type, inputs, outs, **attrs)
+        return outs if n_out is not None else outs[0]
+
+    def const(self, value, dtype=None) -> str:
+        arr = np.asarray(value)
+        if dtype is not None:
+            arr = arr.astype(helper.tensor_dtype_to_np_dtype(dtype))
+        elif arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        elif arr.dtype.kind in "iu":
+            arr = arr.astype(np.int64)
+        key = (arr.dtype.str, arr.shape, arr.tobytes()) if arr.size <= 64 else None
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        name = self.fresh("const")
+        self.graph.initializer.append(numpy_helper.from_array(arr, name))
+        self.values[name] = arr
+        if key is not None:
+            self.cache[key] = name
+        return name
+
+    def shape(self, name) -> tuple:
+        shape = self.shapes.get(name)
+        if shape is None:
+            raise GraphError(f"the shape of tensor '{name}' is unknown after shape inference")
+        return tuple(shape)
+
+    def value(self, name):
+        return self.values.get(name)
+
+    def dtype(self, name) -> int:
+        return self.dtypes.get(name, onnx.TensorProto.FLOAT)
+
+    def like(self, g, x) -> str:
+        """g reshaped to x's shape, the batch (axis 0) taken from g."""
+        return self.op("Reshape", g, self.const([-1, *self.shape(x)[1:]]))
+
+    def zeros_like(self, x) -> str:
+        return self.op("ConstantOfShape", self.op("Shape", x),
+                       value=helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0]))
+
+    def reduce_to(self, g, x, like) -> str:
+        """Sum a broadcast gradient (shaped like tensor `like`, or that shape) back to x's shape."""
+        xs = self.shape(x)
+        gs = self.shape(like) if isinstance(like, str) else tuple(like)
+        lead = len(gs) - len(xs)
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(xs) if d == 1 and gs[lead + i] != 1]
+        if not axes:
+            return g
+        summed = self.op("ReduceSum", g, self.const(axes), keepdims=1)
+        return self.op("Reshape", summed, self.const(list(xs))) if lead else summed
+
+    def total(self, parts):
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else self.op("Sum", *parts)
+
+
+def backward(b: Builder, nodes, wrt: str, score: str, seed: str) -> str:
+    """Append to b's graph the nodes of d sum(seed * score) / d wrt over `nodes` (the forward
+    graph, in topological order); return the gradient tensor's name."""
+    dep = float_dependents(nodes, [wrt], b.dtypes)
+    if score not in dep:
+        raise GraphError(f"the score '{score}' does not depend on '{wrt}'")
+    needed, path = {score}, []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output) and any(i in dep for i in node.input):
+            path.append(node)
+            needed.update(i for i in node.input if i in dep)
+    missing = [n for n in path if n.op_type not in VJP]
+    if missing:
+        n = missing[-1]   # the first in graph order
+        raise GraphError(f"node '{n.name}' ({n.op_type}) between '{wrt}' and the score has no gradient rule; "
+                         f"supported: {', '.join(supported_ops())}")
+    grads = {score: [seed]}
+    for node in path:
+        gy = [b.total(grads.pop(o, None)) for o in node.output]
+        if all(g is None for g in gy):
+            continue
+        need = [bool(i) and i in dep and i in needed for i in node.input]
+        for i, g, n in zip(node.input, VJP[node.op_type](b, node, gy, need), need):
+            if n and g is not None:
+                grads.setdefault(i, []).append(g)
+    if wrt not in grads:
+        raise GraphError(f"the score does not depend on '{wrt}' through differentiable ops")
+    return b.total(grads[wrt])
+
+
+def measure_shapes(model, names, feeds, dtypes=None) -> dict:
+    """The shapes onnxruntime gives `names` on `feeds`. onnx shape inference and onnxruntime
+    disagree on a few corner cases (a ceil_mode pool whose last window would start in the
+    padding: onnxruntime drops it, as torch does), and the rules need the runtime's shapes."""
+    import onnxruntime as ort
+
+    dtypes = {**(dtypes or {}), **{v.name: v.type.tensor_type.elem_type for v in model.graph.output}}
+    have = {o.name for o in model.graph.output}
+    count = len(model.graph.output)
+    model.graph.output.extend(helper.make_tensor_value_info(n, dtypes.get(n, onnx.TensorProto.FLOAT), None)
+                              for n in names if n not in have)
+    try:
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[count:]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return {n: tuple(v.shape) for n, v in zip(names, session.run(list(names), feeds))}
+
+
+def _free_reserved_names(model) -> dict:
+    """Rename tensors that use one of the names the new outputs take ('logits' -> 'logits_original')."""
+    used = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input} | \
+        {t.name for t in model.graph.initializer}
+    renames = {name: f"{name}_original" for name in RESERVED if name in used}
+    if not renames:
+        return {}
+    for node in model.graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+        node.output[:] = [renames.get(o, o) for o in node.output]
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.initializer):
+        vi.name = renames.get(vi.name, vi.name)
+    return renames
+
+
+def gradient_model(g: Graph, features: str) -> onnx.ModelProto:
+    """The prepared model plus target, logits, probabilities, features, grads, target_used."""
+    model = copy.deepcopy(g.model)
+    renames = _free_reserved_names(model)
+    rn = lambda name: renames.get(name, name)  # noqa: E731
+    shapes = {rn(k): v for k, v in g.shapes.items()}
+    dtypes = {rn(k): v for k, v in g.dtypes.items()}
+    feat, score, output = rn(features), rn(g.score), rn(g.output)
+    if dtypes.get(feat) != onnx.TensorProto.FLOAT or dtypes.get(score) != onnx.TensorProto.FLOAT:
+        raise GraphError("only float32 models are supported")
+    forward = list(model.graph.node)
+    on_path = (float_dependents(forward, [feat], dtypes) & ancestors(model, score)) | {feat}
+    image = next(i for i in model.graph.input if i.name == rn(g.input))
+    dims = [d.dim_value or 1 for d in image.type.tensor_type.shape.dim]
+    feeds = {image.name: np.random.default_rng(0).random(dims, dtype=np.float32)}
+    shapes.update(measure_shapes(model, [t for t in on_path if dtypes.get(t) == onnx.TensorProto.FLOAT], feeds))
+    b = Builder(model, shapes, dtypes, g.opset)
+    classes = int(np.prod(shapes[score][1:]))
+    if len(shapes[score]) != 2:   # (N, classes, 1, 1) of a fully convolutional head
+        flat = b.op("Flatten", score, axis=1)
+        forward.append(model.graph.node[-1])
+        shapes[flat], dtypes[flat], score = (1, classes), onnx.TensorProto.FLOAT, flat
+
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "target"))
+    model.graph.input.append(helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [None]))
+    top1 = b.op("ArgMax", score, axis=1, keepdims=0)
+    used = b.node("Where", [b.op("Less", "target", b.const([0])), top1, "target"], ["target_used"])
+    # Equal against 0..C-1 rather than OneHot: the same mask, cheaper in onnxruntime
+    hit = b.op("Equal", b.op("Unsqueeze", used, b.const([1])), b.const(np.arange(classes).reshape(1, -1)))
+    grad = backward(b, forward, feat, score, b.op("Cast", hit, to=onnx.TensorProto.FLOAT))
+
+    nchw = g.layouts.get(features) == "NCHW"
+    b.node("Identity", [score], ["logits"])
+    if g.activation == "LogSoftmax":
+        b.node("Exp", [output], ["probabilities"])
+    elif g.activation:
+        b.node("Identity", [output], ["probabilities"])
+    else:
+        b.node("Softmax", [score], ["probabilities"], axis=1)
+    for src, name in ((feat, "features"), (grad, "grads")):
+        b.node("Transpose", [src], [name], perm=[0, 2, 3, 1]) if nchw else b.node("Identity", [src], [name])
+    fs = shapes[feat]
+    nhwc = [fs[1], fs[2], fs[3]] if not nchw else [fs[2], fs[3], fs[1]]
+    for name, dims, kind in (("logits", [classes], onnx.TensorProto.FLOAT),
+                             ("probabilities", [classes], onnx.TensorProto.FLOAT),
+                             ("features", nhwc, onnx.TensorProto.FLOAT), ("grads", nhwc, onnx.TensorProto.FLOAT),
+                             ("target_used", [], onnx.TensorProto.INT64)):
+        model.graph.output.append(helper.make_tensor_value_info(name, kind, ["N", *dims]))
+    info = {"input": g.input, "input_layout": g.layout, "features": feat, "features_layout": "NCHW" if nchw else "NHWC",
+            "feature_shape": nhwc, "score": score, "output": output, "original_output": g.output, "activation": g.activation,
+            "classes": classes, "renamed": renames}
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(info)
+    return model
+
+
+def export_gradients(source, layer: str = "auto", output: str | None = None, input_size=None,
+                     layout: str = "auto") -> tuple[onnx.ModelProto, dict]:
+    """Load, analyse and differentiate an image classifier in one call: (new model, info)."""
+    g = prepare(source, input_size=input_size, layout=layout, output=output)
+    features = pick_features(g, layer)
+    model = gradient_model(g, features)
+    info = json.loads(next(p.value for p in model.metadata_props if p.key == META_KEY))
+    return model, {**info, "layer": features, "batch_fixed": g.batch_fixed}
+
+
+def self_check(original, new, images=None, classes=None, samples: int = 4, directions: int = 3, seed: int = 0):
+    """onnxruntime alone: (report of largest errors, failures). See autodiff_check.py."""
+    from .autodiff_check import self_check as check
+
+    return check(original, new, images=images, classes=classes, samples=samples, directions=directions, seed=seed)
+
+
+__all__ = ["Builder", "GraphError", "backward", "export_gradients", "gradient_model", "self_check", "supported_ops",
+           "FLOAT_TYPES"]

@@ -1,0 +1,153 @@
+"""The check an export runs before writing anything, with onnxruntime alone.
+
+- the new model's copies of the original outputs equal the original file's (random images),
+  and the default target is the top-1 class;
+- a batch gives what its images give one by one (the batch-dynamic rewrite);
+- `grads` agrees with central finite differences of the head graph (feature tensor ->
+  score, cut out of the new model) along random directions, for several classes.
+
+Finite differences are taken at two step sizes and the better one counts, so a ReLU kink
+crossed by one step does not fail a correct gradient. Where a direction moves a zero
+feature (after a ReLU, max-pool windows are often all zeros, a tie whose gradient is a
+convention, not a limit), it is retried once with those features held still.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .autodiff import measure_shapes
+from .autodiff_double import as_double
+from .graph import infer_shapes, load_model
+
+# grads_fd: 1e-4 where the head runs in float64 (autodiff_double.py), 5e-2 where one of its
+# ops has no double kernel and float32 rounding and kinks limit the finite differences
+TOLERANCES = {"outputs": 1e-4, "probabilities": 1e-4, "target_default": 0.0, "batch": 1e-4, "grads_fd": 1e-4}
+FD_TOLERANCE_FLOAT32 = 5e-2
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def head_graph(model: onnx.ModelProto, features: str, score: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The nodes that compute `score` from `features` (and from graph inputs, for what does
+    not go through the features): (model, its input names)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    keep, used_inits, inputs, seen, stack = set(), set(), [features], set(), [score]
+    while stack:
+        name = stack.pop()
+        if not name or name in seen or name == features:
+            continue
+        seen.add(name)
+        if name in inits:
+            used_inits.add(name)
+        elif name in producer:
+            keep.add(id(producer[name]))
+            stack.extend(producer[name].input)
+        elif name in graph_inputs:
+            inputs.append(name)
+    nodes = [n for n in model.graph.node if id(n) in keep]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, None)
+                                              for i in inputs],
+                              [helper.make_tensor_value_info(score, onnx.TensorProto.FLOAT, None)],
+                              [t for t in model.graph.initializer if t.name in used_inits])
+    head = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return head, inputs
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max())) if a.size else 0.0
+
+
+def self_check(original, new, images=None, classes=None, samples: int = 4, directions: int = 3, seed: int = 0):
+    """(report: largest error per check, failures: one line per check over its tolerance)."""
+    original = load_model(original) if not isinstance(original, onnx.ModelProto) else original
+    new = new if isinstance(new, onnx.ModelProto) else onnx.load_from_string(bytes(new))
+    info = json.loads({p.key: p.value for p in new.metadata_props}["explicam_autodiff"])
+    orig_s, new_s = _session(original), _session(new)
+    shape = [d.dim_value for d in next(i for i in new.graph.input if i.name == info["input"]).type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    x = np.asarray(images, np.float32) if images is not None else rng.random((samples, *shape[1:]), dtype=np.float32)
+    n, report = len(x), {}
+
+    fixed = orig_s.get_inputs()[0].shape[0] == 1
+    names = [o.name for o in orig_s.get_outputs()]
+    orig_in = next(i.name for i in orig_s.get_inputs() if i.name == info["input"] or len(i.shape) == 4)
+    runs = [orig_s.run(None, {orig_in: x[i:i + 1]}) for i in range(n)] if fixed else [orig_s.run(None, {orig_in: x})]
+    want = {k: np.concatenate([r[j] for r in runs]) for j, k in enumerate(names)}
+    got = dict(zip([o.name for o in new_s.get_outputs()], new_s.run(None, {info["input"]: x})))
+    report["outputs"] = max(_rel(got[info["renamed"].get(k, k)], v) for k, v in want.items())
+    logits = got["logits"].astype(np.float64)
+    if info["activation"] is None:
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+    else:   # the original output is the probabilities (log-probabilities after a LogSoftmax)
+        probs = want[info["original_output"]]
+        probs = np.exp(probs) if info["activation"] == "LogSoftmax" else probs
+    report["probabilities"] = _rel(got["probabilities"], probs)
+    report["target_default"] = float(np.mean(got["target_used"] != logits.argmax(1)))
+    ones = [new_s.run(["logits", "grads"], {info["input"]: x[i:i + 1]}) for i in range(n)]
+    report["batch"] = max(_rel(np.concatenate([o[0] for o in ones]), got["logits"]),
+                          _rel(np.concatenate([o[1] for o in ones]), got["grads"]))
+
+    head, head_inputs = head_graph(new, info["features"], info["score"])
+    nchw = info["features_layout"] == "NCHW"
+    to_graph = (lambda t: t.transpose(0, 3, 1, 2)) if nchw else (lambda t: t)
+    feats = to_graph(got["features"]).astype(np.float32)
+    feeds = {info["features"]: feats, **{k: x for k in head_inputs[1:]}}   # the image, where the head reads it
+    types = infer_shapes(head)[1]
+    inner = [o for nd in head.graph.node for o in nd.output if types.get(o) == onnx.TensorProto.FLOAT]
+    try:
+        shapes = {**{k: v.shape for k, v in feeds.items()}, **measure_shapes(head, inner, feeds, types)}
+        head_s, dtype = _session(as_double(head, shapes)), np.float64
+    except Exception:  # an op onnxruntime has only in float32: float32 steps, looser tolerance
+        head_s, dtype = _session(head), np.float32
+    feeds = {k: x.astype(dtype) for k in head_inputs[1:]}
+
+    def head_score(f, c):
+        return head_s.run(None, {info["features"]: f.astype(dtype), **feeds})[0].reshape(n, -1)[:, c]
+
+    c_all = info["classes"]
+    classes = sorted({0, c_all // 2, c_all - 1}) if classes is None else list(classes)
+    axes = tuple(range(1, feats.ndim))
+    worst, tol = 0.0, TOLERANCES["grads_fd"] if dtype == np.float64 else FD_TOLERANCE_FLOAT32
+    for c in classes:
+        grads = to_graph(new_s.run(["grads"], {info["input"]: x, "target": np.full(n, c, np.int64)})[0])
+        grads = grads.astype(np.float64)
+        for _ in range(directions):
+            v = rng.standard_normal(feats.shape)
+            steps = (1e-6, 1e-7) if dtype == np.float64 else (1e-2, 1e-3, 1e-4)
+            err = _fd_error(head_score, feats, grads, v, c, axes, steps)
+            if err.max() > tol:   # retry without moving the zero features (ties)
+                err = np.minimum(err, _fd_error(head_score, feats, grads, v * (feats != 0), c, axes, steps))
+            worst = max(worst, float(err.max()))
+    report["grads_fd"] = worst
+    tols = {**TOLERANCES, "grads_fd": tol}
+    failures = [f"{k} differs by {v:.2e} (tolerance {tols[k]:.0e})" for k, v in report.items() if not v <= tols[k]]
+    return report, failures
+
+
+def _fd_error(head_score, feats, grads, v, c, axes, steps):
+    """Per image: |central difference - <grads, v>| relative to the scale of <grads, v>."""
+    exact = (grads * v).sum(axes)
+    scale = np.sqrt((grads ** 2).sum(axes) * (v ** 2).sum(axes) / np.prod(feats.shape[1:]))
+    rms_f = float(np.sqrt((feats.astype(np.float64) ** 2).mean())) or 1.0
+    rms_v = float(np.sqrt((v ** 2).mean())) or 1.0
+    best = np.full(len(feats), np.inf)
+    for rel in steps:
+        h = rel * rms_f / rms_v
+        fd = (head_score(feats + h * v, c).astype(np.float64) - head_score(feats - h * v, c)) / (2 * h)
+        best = np.minimum(best, np.abs(fd - exact) / np.maximum(np.maximum(np.abs(exact), scale), 1e-20))
+    return best
