@@ -16,7 +16,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) cli.py demo
 
-test: $(VENV)/.installed
+# What only the tests need on top of [train,dev]: torch (CPU) to make ONNX files the PyTorch
+# way, and torchvision's architectures (its compiled ops do not match the CPU torch here; the
+# tests use only its Python model code: see _torchvision() in tests/test_autodiff.py).
+$(VENV)/.installed-tests: $(VENV)/.installed
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.installed-tests
 	@# Headless Chromium renders the live view and the report in a few tests; install it
 	@# where we may (root with apt), otherwise those tests say they were skipped.
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from explicam.evaluate import metrics as M
+from explicam.evaluate.counterfactual import counterfactual_accuracy, counterfactual_text
 from explicam.evaluate.inputs import first_per_class, habitat_groups, load_eval_set
 from explicam.evaluate.placements import effective_localisation, localisation_by_placement, placement_text
 from explicam.evaluate.sanity import compare_maps
@@ -301,6 +302,7 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
                       for name, kind, p in zip(("deletion", "insertion"), (cfg.deletion_baseline,
                                                                          cfg.insertion_baseline), base_probs)},
         "sanity": sanity, "habitat": _habitat(habitat_groups(es), per_method, correct),
+        "counterfactual": counterfactual_accuracy(model, es, preds, cfg.batch_size, log),
         "timing_s": {k: round(v, 2) for k, v in timing.items()}, "total_s": round(time.time() - start, 2),
     }
     _save(out, results, es, per_method, examples, example_idx, preds, probs, example_cams)
@@ -366,6 +368,8 @@ def format_table(results: dict) -> str:
                      f"{eff['offset'][0]:.1f} px" + (f", {eff['from_geometric_px'][0]:+.1f} px (y) and "
                      f"{eff['from_geometric_px'][1]:+.1f} px (x) from the geometric centres"
                      if "from_geometric_px" in eff else ""))
+    if counterfactual_text(results.get("counterfactual")):
+        notes.append(counterfactual_text(results["counterfactual"]))
     if "skipped" in results["sanity"]:
         notes.append(f"sanity: skipped: {results['sanity']['skipped']}")
     notes.append("time per metric: " + ", ".join(f"{k} {v:.1f}s" for k, v in results["timing_s"].items()))

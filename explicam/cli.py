@@ -283,10 +283,19 @@ placement_option = click.option(
 @click.option("--threads", type=int, default=None,
               help="onnxruntime intra-op threads [default: all cores; video: half each, two frames in flight].")
 @placement_option
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Images on Ray Data (cluster/): --ray (a Ray started here), --ray auto (this machine's "
+                   "cluster) or --ray HOST:PORT; sources may also be CSV / Parquet files of image paths; adds "
+                   "OUT/results/ (Parquet) and skips what it already holds.")
+@click.option("--path-column", default="path", show_default=True, help="--ray: the image column of CSV / Parquet.")
+@click.option("--concurrency", type=int, default=None, help="--ray: actors, each one Explainer [default: CPUs].")
+@click.option("--cpus-per-actor", type=float, default=1.0, show_default=True,
+              help="--ray: CPUs (and onnxruntime threads) per actor.")
 @friendly
 def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
             batch_size, webcam, video, show, output, serve, host, token, no_token, certfile, keyfile, max_clients,
-            reconnect, max_retries, realtime, max_frames, threads, placement):
+            reconnect, max_retries, realtime, max_frames, threads, placement, ray_address=None, path_column="path",
+            concurrency=None, cpus_per_actor=1.0):
     """Heatmaps for images and folders, video files and webcams.
 
     \b
@@ -320,6 +329,10 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
                   if value not in (None, False)]
     if video_only:
         raise ValueError(f"{video_only[0]}: only for video (--webcam or --video)")
+    if ray_address is not None:  # `explain --ray photos/`: the folder is a source, Ray starts here
+        from explicam.cluster.explain import ray_sources
+
+        paths, ray_address = ray_sources(paths, ray_address)
     if not paths:
         raise click.UsageError("give images or folders, --video FILE or --webcam [N]")
     from explicam.runtime.files import FilesConfig, explain_files
@@ -327,6 +340,15 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
     cfg = FilesConfig(model=model_path, out=out, method=method, target=target, top_k=top_k, alpha=alpha,
                       colormap=colormap, side_by_side=side_by_side, heatmap=heatmap, labels=labels,
                       batch_size=batch_size, threads=threads, placement=placement)
+    if ray_address is not None:  # bulk, on Ray Data: cluster/explain.py
+        from explicam.cluster.explain import RayConfig, explain_on_ray, summary_line
+
+        res = explain_on_ray(paths, cfg, RayConfig(ray_address, concurrency, cpus_per_actor, path_column),
+                             log=lambda m: click.echo(m, err=True))
+        for line in res.notes:
+            click.echo(line, err=True)
+        click.echo(summary_line(res))
+        return
     with contextlib.ExitStack() as stack:
         bars = []  # the bar starts once the folders are walked and the model is loaded
 
@@ -364,12 +386,15 @@ def stream_summary(res) -> str:
 @click.option("--images", "images_dir", default=None, type=click.Path(),
               help="Time on these images (a folder, e.g. data/synth/validation) [default: generated blobs].")
 @click.option("--out", default=None, help="Also write the table as Markdown to this file.")
+@click.option("--original", default=None, type=click.Path(),
+              help="The ONNX file the model was exported from, timed beside it on the same images (its own "
+                   "preprocessing) [default: the source the export recorded, when it is still there].")
 @click.option("--video", is_flag=True, help="Measure the whole video loop (frames/s) against the forward rate.")
 @click.option("--frames", default=3000, show_default=True, help="Frames for --video, over all rounds.")
 @click.option("--rounds", default=3, show_default=True,
               help="--video: loop and forward pass take turns this many times; the median ratio is reported.")
 @friendly
-def bench(model_path, methods, batches, threads, seconds, images_dir, out, video, frames, rounds):
+def bench(model_path, methods, batches, threads, seconds, images_dir, out, original, video, frames, rounds):
     """Milliseconds per image of every method vs the plain forward pass, in one run."""
     from explicam.runtime.model import newest_model
 
@@ -399,10 +424,13 @@ def bench(model_path, methods, batches, threads, seconds, images_dir, out, video
                                      param_hint="--images")
         images = [read_image(f) for f in files]
     click.echo(f"benchmarking {model_path} (ms per image; ratio to the plain forward pass)")
+    from explicam.export.baselines import original_forward, torch_gradcam
     from explicam.export.parity import keras_baseline_for
 
+    baselines = {**keras_baseline_for(model_path), **torch_gradcam(model_path, threads, log=click.echo)}
     result = run_bench(model_path, methods.split(",") if methods else None, sizes, threads, images=images,
-                       min_seconds=seconds, log=click.echo, baselines=keras_baseline_for(model_path))
+                       min_seconds=seconds, log=click.echo, baselines=baselines,
+                       original=original_forward(model_path, original, threads, log=click.echo))
     table = to_markdown(result)
     click.echo("\n" + table)
     if out:

@@ -96,7 +96,7 @@ def _load(cfg: ExportConfig, log):
         if ext != ".onnx":
             raise ExportError(f"{cfg.model}: unsupported model file (expected .onnx, .keras or .h5)")
         g = prepare(cfg.model, input_size=cfg.input_hw, layout=cfg.layout, output=cfg.output)
-        return g, g.model, pick_features(g, cfg.layer)
+        return g, cfg.model, pick_features(g, cfg.layer)  # the self-check compares with the user's own file
     except (GraphError, SourceError) as exc:
         msg = str(exc)
         raise ExportError(msg if cfg.model in msg else f"{cfg.model}: {msg}") from None
@@ -106,6 +106,7 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     from explicam import __version__
     from explicam.export.autodiff import gradient_model, self_check
     from explicam.export.geometry import geometry_for_metadata
+    from explicam.export.graph import GraphError
 
     import onnxruntime as ort
 
@@ -122,7 +123,10 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
         pre.check(channels)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    main = gradient_model(g, features)
+    try:
+        main = gradient_model(g, features)
+    except GraphError as exc:  # an op without a gradient rule on the path, ...
+        raise ExportError(f"{cfg.model}: {exc}") from None
     report, bad = self_check(source, main, samples=cfg.samples)
     before = main
     main = _with_prologue(before, pre, hw)
@@ -141,6 +145,7 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     meta = {
         "explicam_version": __version__,
         "source_file": os.path.basename(cfg.model),
+        "source_path": os.path.abspath(cfg.model),  # `bench` times this file beside the export
         "class_names": names,
         "input_name": "image",
         "input_size": hw[0] if hw[0] == hw[1] else list(hw),

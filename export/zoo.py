@@ -130,8 +130,9 @@ def feature_module(name: str, model):
 
 
 def to_onnx(model, path: str, size: int = 224) -> str:
-    """torch.onnx.export as a user would (batch 1, opset 17, TorchScript exporter), then
-    the shape arithmetic folded (export/fold.py says why); atomically."""
+    """torch.onnx.export as a user would (opset 17, TorchScript exporter, batch 1: the
+    export makes it batch-dynamic), then the shape arithmetic folded (export/fold.py says
+    why); atomically."""
     import onnx
     import torch
 

@@ -76,9 +76,12 @@ def machine() -> str:
 
 
 def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | None = None, images=None,
-              min_seconds: float = 1.0, log=print, baselines: dict | None = None) -> dict:
+              min_seconds: float = 1.0, log=print, baselines: dict | None = None, original=None) -> dict:
     """Measure everything on the same images; returns {"rows": [...], "settings": {...}}.
-    baselines: {row name: fn(preprocessed batch)}, timed apart against the forward pass."""
+    baselines: {row name: fn(preprocessed batch)}, timed apart against the forward pass.
+    original: (row name, bind) for the user's original ONNX file (export/baselines.py):
+    bind(preprocessed batch) -> the call to time, interleaved with the methods; every row
+    then also gets its ratio to it ("x original")."""
     ex = {"numba": Explainer(model_path, kernels="numba", threads=threads),
           "numpy": Explainer(model_path, kernels="numpy", threads=threads)}
     model = ex["numba"].model
@@ -89,12 +92,16 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         images = np.stack([np.asarray(__import__("cv2").resize(b, (in_w, in_h)) * 255, np.uint8) for b in base])
     methods = [m for m in (methods or ex["numba"].methods) if not (m == "cam" and model.head_kind != "gap")]
     plain, how = plain_forward_session(model_path, threads)
-    rows = []
+    rows, original_ms = [], {}
 
     def add(name, kernels, batch, ms, forward_ms):
         rows.append({"name": name, "kernels": kernels, "batch": batch, "ms_per_image": ms,
                      "ratio": ms / forward_ms})
-        log(f"  {name:24s} {kernels:6s} batch {batch:3d}: {ms:9.2f} ms/image  {ms / forward_ms:8.2f}x forward")
+        orig = original_ms.get(batch)
+        if orig:
+            rows[-1]["ratio_original"] = ms / orig
+        log(f"  {name:24s} {kernels:6s} batch {batch:3d}: {ms:9.2f} ms/image  {ms / forward_ms:8.2f}x forward"
+            + (f"  {ms / orig:8.2f}x original" if orig else ""))
 
     int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
     q = Explainer(int8, threads=threads) if os.path.exists(int8) else None
@@ -104,6 +111,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         x_u8 = x_u8 if isinstance(x_u8, np.ndarray) else list(x_u8)
         forward = lambda: plain.run(["probabilities"], {"image": x})  # noqa: E731
         fast = {("forward (onnxruntime)", "-"): forward}
+        if original is not None:
+            fast[(original[0], "-")] = original[1](x)
         if q is not None:
             fast[("forward INT8", "-")] = lambda: q.model.run(x, np.full(batch, -1), ["probabilities"])
             fast[("gradcam INT8", q.kernels)] = lambda: q.explain(x_u8, "gradcam")
@@ -113,6 +122,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                     fast[(method, kernels)] = lambda e=e, m=method: e.explain(x_u8, m)
         ms = _interleaved(fast, batch, min_seconds)
         fwd = ms[("forward (onnxruntime)", "-")]
+        if original is not None:
+            original_ms[batch] = ms[(original[0], "-")]
         for (name, kernels), value in ms.items():
             add(name, kernels, batch, value, fwd)
         for method in [m for m in methods if m in SLOW]:  # a few rounds, each beside its own forward pass
@@ -134,6 +145,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning off",
                 "machine": machine()}
+    if original is not None:
+        settings["original"] = original[0]
     masked = model.masked_forward()
     if masked is not None:
         settings["scorecam"] = (f"masked images run only where each mask reaches (model.blocks.onnx), "
@@ -144,11 +157,16 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["| what | kernels | batch | ms / image | x forward |", "|---|---|---:|---:|---:|"]
+    orig = any("ratio_original" in r for r in result["rows"])
+    lines = ["| what | kernels | batch | ms / image | x forward |" + (" x original |" if orig else ""),
+             "|---|---|---:|---:|---:|" + ("---:|" if orig else "")]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['kernels']} | {r['batch']} | {r['ms_per_image']:.2f} | {r['ratio']:.2f} |")
+        lines.append(f"| {r['name']} | {r['kernels']} | {r['batch']} | {r['ms_per_image']:.2f} | {r['ratio']:.2f} |"
+                     + (f" {r['ratio_original']:.2f} |" if "ratio_original" in r else (" |" if orig else "")))
     s = result["settings"]
     about = f"kernel {s['kernel']}, {s['input_size']}" if s["kernel"] else s["input_size"]
     lines += ["", f"Model: {s['model']} ({about}); plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}"
-              + (f"; Score-CAM: {s['scorecam']}" if "scorecam" in s else "") + ".", f"Machine: {s['machine']}."]
+              + (f"; Score-CAM: {s['scorecam']}" if "scorecam" in s else "")
+              + ("; x original: against the plain forward of the ONNX file the export read, timed in the same "
+                 "rounds" if orig else "") + ".", f"Machine: {s['machine']}."]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ DECODE_MIN_SIDE = 512       # huge JPEGs decode at reduced scale but keep >= 102
 DISPLAY_MIN_SIDE = 128      # smaller photos are enlarged (integer factor, nearest) so labels fit on them
 BATCH_PIXELS = 48_000_000   # photo pixels held at once, whatever the batch size (~150 MB)
 GRID_HEIGHT = 384           # tiles of a several-method grid are at most this tall
+PROBE_OPTIONS = {"rise_masks": 2, "scorecam_topk": 1}  # a method's trial run needs no full mask or channel set
 
 
 @dataclass
@@ -139,6 +140,8 @@ class FilesConfig:
     kernels: str = "auto"           # camkernels backend: auto, numba or numpy
     threads: int | None = None      # onnxruntime intra-op threads [default: all cores]
     placement: str | None = None    # geometric / naive [default: the model's, runtime/placement.py]
+    options: dict = field(default_factory=dict)  # method options: rise_masks, finercam_k, ... (runtime/methods*.py)
+    preprocess: dict | None = None  # a plain ONNX classifier's preprocessing, for RISE (runtime/plain.py)
 
 
 class Writer:
@@ -238,11 +241,14 @@ def explain_files(paths, cfg: FilesConfig | None = None, explainer=None, progres
         raise ValueError(problems[0] if len(problems) == 1 else "nothing to explain: " + "; ".join(problems))
     check_writable(out)
     if explainer is None:
-        from explicam.runtime.explainer import Explainer
         from explicam.runtime.model import newest_model
+        from explicam.runtime.plain import open_explainer
 
-        explainer = Explainer(cfg.model or newest_model(), kernels=cfg.kernels, threads=cfg.threads,
-                              batch_size=batch_size, placement=cfg.placement)
+        explainer = open_explainer(cfg.model or newest_model(), cfg.preprocess, kernels=cfg.kernels,
+                                   threads=cfg.threads, batch_size=batch_size, placement=cfg.placement,
+                                   options=cfg.options)
+    if cfg.method == "all":  # what this model offers (a plain classifier: RISE alone)
+        methods = [m for m in methods if m in explainer.methods]
     explainer.resolve_targets(target, 1)  # an unknown --target fails now, not per image
     result = FilesResult(out, None, [], skipped=list(problems), total=len(items))
     result.methods = methods = usable_methods(explainer, methods, result.notes)
@@ -275,7 +281,7 @@ def usable_methods(explainer, methods: list, notes: list) -> list:
     usable = []
     for m in methods:
         try:
-            explainer.explain(probe, m)
+            explainer.explain(probe, m, **PROBE_OPTIONS)
             usable.append(m)
         except MethodError as exc:
             if len(methods) == 1:

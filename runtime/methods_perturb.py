@@ -50,7 +50,7 @@ def reciprocam_maps(model, features: np.ndarray, mask: str = "onehot", batch: in
     k, y, x, src, weight = entries if entries is not None else mosaic_entries(h, w, mask)
     bounds = np.searchsorted(k, np.arange(0, hw + batch, batch))  # entries of maps [s, s + batch)
     buf = np.zeros((batch, h, w, c), np.float32)  # cleared after each call: only the entries are written
-    out = np.empty((n, hw, 0), np.float32)
+    out = None
     for i in range(n):
         flat = np.ascontiguousarray(features[i], np.float32).reshape(hw, c)
         scores = []
@@ -61,7 +61,7 @@ def reciprocam_maps(model, features: np.ndarray, mask: str = "onehot", batch: in
             scores.append(model.head(buf[:size], "probabilities"))
             buf[k[e] - s, y[e], x[e]] = 0.0
         probs = np.concatenate(scores)
-        if out.shape[2] == 0:
+        if out is None:
             out = np.empty((n, hw, probs.shape[1]), np.float32)
         out[i] = probs
     return out.transpose(0, 2, 1).reshape(n, -1, h, w)
@@ -120,6 +120,16 @@ class RiseMasks:
         whole = self.n * self.hw[0] * self.hw[1] * 4 <= cache_bytes
         self.full = self._make(0, self.n) if whole else None
 
+    @classmethod
+    def given(cls, masks: np.ndarray, p: float) -> "RiseMasks":
+        """A fixed mask set (N, H, W) in [0, 1] drawn elsewhere, with its probability p."""
+        self = cls.__new__(cls)
+        self.full = np.ascontiguousarray(masks, np.float32)
+        if self.full.ndim != 3 or not 0 < float(p) <= 1:
+            raise ValueError(f"rise_mask_set must be (N, H, W) and 0 < rise_p <= 1; got {self.full.shape}, {p}")
+        self.n, self.hw, self.p = len(self.full), self.full.shape[1:], float(p)
+        return self
+
     def _make(self, start: int, stop: int) -> np.ndarray:
         (H, W), up = self.hw, self.k.upsample_bilinear(self.grids[start:stop], *self.up)
         out = np.empty((stop - start, H, W), np.float32)
@@ -165,11 +175,17 @@ def rise(a: CamInputs):
     p (0.5), `rise_seed` (0). The mask set is drawn once per (N, s, p, seed, input size) and
     kept by the explainer. It needs nothing but the classifier (model.forward.onnx, else the
     main graph; or any ONNX classifier, runtime/plain.py), and returns its map at the
-    input's resolution (N, H, W), drawn there as it is."""
+    input's resolution (N, H, W), drawn there as it is. `rise_mask_set`: a fixed (N, H, W)
+    mask set instead of the random one (with `rise_p`, the p it was drawn with)."""
     n_masks, cells, p, seed = rise_options(a.options)
     hw = a.inputs.shape[1:3]
+    batch = int(a.options.get("batch_size", 32))
+    if a.options.get("rise_mask_set") is not None:
+        masks = RiseMasks.given(a.options["rise_mask_set"], p)
+        if masks.hw != tuple(hw):
+            raise ValueError(f"rise_mask_set is {masks.hw[0]}x{masks.hw[1]}; the input is {hw[0]}x{hw[1]}")
+        return rise_saliency(a.model, a.inputs, a.targets, masks, batch, a.k)
     key = ("rise", n_masks, cells, p, seed, tuple(hw), a.k.backend)
     if key not in a.cache:
         a.cache[key] = RiseMasks(n_masks, cells, p, seed, hw, a.k)
-    batch = int(a.options.get("batch_size", 32))
     return rise_saliency(a.model, a.inputs, a.targets, a.cache[key], batch, a.k)

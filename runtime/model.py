@@ -25,6 +25,11 @@ class ModelError(ValueError):
     """A model file the runtime cannot use; str() is one line naming the file."""
 
 
+class NotExported(ModelError):
+    """A loadable ONNX file without explicam's metadata: a plain classifier (RISE can still
+    explain it, runtime/plain.py)."""
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """onnxruntime tuned for a small CPU: all graph optimisations, one intra-op pool the
     size of the machine, and no busy-waiting between calls (a webcam loop idles a lot)."""
@@ -61,7 +66,7 @@ class OnnxModel:
         self.export_id = raw.get("export_id")  # shared by the files of one export (None: older exports)
         missing = [k for k in REQUIRED_META if k not in raw]
         if missing:
-            raise ModelError(f"{self.path}: not an explicam export (metadata {', '.join(missing)} missing); "
+            raise NotExported(f"{self.path}: not an explicam export (metadata {', '.join(missing)} missing); "
                              "export it with: python cli.py export")
         outputs = self.output_names = [o.name for o in self.session.get_outputs()]
         if any(o not in outputs for o in REQUIRED_OUTPUTS):

@@ -118,6 +118,7 @@ class SlowExplainer:
     def __init__(self, inner, camera):
         self.inner, self.camera, self.lags = inner, camera, []
         self.input_size, self.resolve_targets = inner.input_size, inner.resolve_targets
+        self.input_hw, self.model = inner.input_hw, inner.model
 
     def explain(self, image, method, target=None):
         self.lags.append(self.camera.count - 1 - int(image[0, 0, 0]))
@@ -349,7 +350,7 @@ def test_two_frames_in_flight_keep_a_files_order(tmp_path, onnx_model):
             pass
 
     res = run_stream(Source(str(clip), "clip", "file"), make_explainers(onnx_model, 2),
-                     StreamConfig(method="gradcam", labels=False), sinks=[Collect()])
+                     StreamConfig(method="gradcam", labels=False, alpha=0.2), sinks=[Collect()])
     assert res.frames == len(got) == 25
     for i, frame in enumerate(got):  # the moving disc: frame i is nearest to source frame i
         dist = [np.abs(frame.astype(int) - s.astype(int)).mean() for s in source]

@@ -105,7 +105,7 @@ def bench_video(model_path, frames: int = 3000, method: str = "gradcam", size=(6
         probe = cv2.VideoCapture(clip)
         ok, first = probe.read()
         probe.release()
-        small = cv2.cvtColor(resize_rgb(first, explainer.input_size), cv2.COLOR_BGR2RGB)
+        small = cv2.cvtColor(resize_rgb(first, explainer.input_hw), cv2.COLOR_BGR2RGB)
         seconds = max(0.5, min(3.0, frames / rounds / 300))
         samples = {}
 
@@ -132,7 +132,7 @@ def bench_video(model_path, frames: int = 3000, method: str = "gradcam", size=(6
     done, spent = sum(res.frames for res in loops), sum(res.seconds for res in loops)
     early = samples.get(max(1, frames // 10), rss_start)
     return {
-        "model": os.fspath(model_path), "input_size": explainer.input_size, "method": method,
+        "model": os.fspath(model_path), "input_size": list(explainer.input_hw), "method": method,
         "frame_size": f"{size[0]}x{size[1]}", "frames": done, "rounds": rounds,
         "threads": threads or os.cpu_count(), "kernels": explainer.kernels, "with_mp4_output": bool(output),
         "frames_in_flight": in_flight,

@@ -65,20 +65,22 @@ class FpsMeter:
         return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
 
 
-def shrink_to_input(image, size: int, rgb: bool = False):
+def shrink_to_input(image, size, rgb: bool = False):
     """resize_rgb(image, size), faster, and BGR -> RGB in the same pass when rgb=True.
+    size: the side of a square input, or (h, w).
     Shrinking a camera frame by area averaging was the loop's largest cost after the model
     (cv2 INTER_AREA plus cvtColor: 0.7 ms at 640x480 -> 128); camkernels.shrink_area gives
     the same pixels (to one level) in 0.28 ms. Without numba: cv2, width then height
     (area averaging is separable, and that order is cheaper). Bilinear cases go to resize_rgb."""
     h, w = image.shape[:2]
-    if min(h, w) <= 2 * size:
-        out = resize_rgb(image, size)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    if h <= 2 * out_h or w <= 2 * out_w:
+        out = resize_rgb(image, (out_h, out_w))
     elif camkernels.BACKEND == "numba" and image.ndim == 3 and image.dtype == "uint8":
-        return camkernels.shrink_area(image, size, size, swap_rb=rgb)
+        return camkernels.shrink_area(image, out_h, out_w, swap_rb=rgb)
     else:
-        narrow = cv2.resize(image, (size, h), interpolation=cv2.INTER_AREA)
-        out = cv2.resize(narrow, (size, size), interpolation=cv2.INTER_AREA)
+        narrow = cv2.resize(image, (out_w, h), interpolation=cv2.INTER_AREA)
+        out = cv2.resize(narrow, (out_w, out_h), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB) if rgb else out
 
 
@@ -118,7 +120,9 @@ def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, 
             index, bgr, small = item
             res = explainer.explain(small, method, target)
             name, prob = res.top_k(1)[0][0]
-            if not outbox.put((index, bgr, res.heatmaps[0], name, prob, res.target_names[0])):
+            # a centre-cropped input's heatmap goes back over the part of the frame it came from
+            heat = res.heatmap_on(0, bgr.shape) if res.resize_shorter else res.heatmaps[0]
+            if not outbox.put((index, bgr, heat, name, prob, res.target_names[0])):
                 return
     except BaseException as exc:  # re-raised by the main thread
         outbox.put(End("error", str(exc), exc))
@@ -145,10 +149,12 @@ def run_stream(source: Source, explainer, config: StreamConfig | None = None, si
     explainers = list(explainer) if isinstance(explainer, (list, tuple)) else [explainer]
     explainer = explainers[0]
     blender = ov.Blender(cfg.alpha, cfg.colormap)  # colour map and alpha fixed once per stream
-    size = explainer.input_size
+    size, crop = explainer.input_hw, explainer.model.resize_shorter
     explainer.resolve_targets(cfg.target, 1)
 
     def prepare(bgr):  # the model's resize and RGB; on the capture thread
+        if crop:  # torchvision's Resize + CenterCrop, as the export recorded
+            return cv2.cvtColor(explainer.model.fit(bgr), cv2.COLOR_BGR2RGB)
         return shrink_to_input(bgr, size, rgb=True)
 
     capture = Capture(cap if cap is not None else open_capture(source), source, prepare, cfg.lost_after,
