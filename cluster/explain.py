@@ -51,6 +51,9 @@ class RayResult:
     total: int = 0
     actors: int = 0
     seconds: float = 0.0
+    first_rows_s: float = 0.0       # from the Ray work's start to the first results back (actors, models)
+    first_rows_at: float = 0.0      # time.perf_counter() then
+    first_rows: int = 0             # images in that first batch
     notes: list = field(default_factory=list)
 
 
@@ -171,6 +174,7 @@ def actor_count(ray, rcfg: RayConfig, n_batches: int) -> int:
 
 
 def _run(todo: list, cfg: FilesConfig, rcfg: RayConfig, spec: ActorSpec, done: set, res: RayResult, log) -> None:
+    t0 = time.perf_counter()
     ray = connect(rcfg.address, rcfg.num_cpus)
     batch = max(1, int(cfg.batch_size))
     n_batches = math.ceil(len(todo) / batch)
@@ -184,6 +188,10 @@ def _run(todo: list, cfg: FilesConfig, rcfg: RayConfig, spec: ActorSpec, done: s
     sink = ResultSink(os.path.join(cfg.out, RESULTS_DIR), done)
     try:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if not res.first_rows_s:
+                res.first_rows_at = time.perf_counter()
+                res.first_rows_s = res.first_rows_at - t0
+                res.first_rows = len(table) // len(spec.methods)
             sink.add(table)
     finally:  # Ctrl-C or a lost driver: the rows received so far are kept
         sink.flush()

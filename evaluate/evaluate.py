@@ -19,7 +19,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class EvalConfig:
     boxes: str | None = None
     placement: str | None = None  # heatmaps for every metric; None: the model's default (geometric if known)
     effective_images: int = 8     # images for the effective centres (needs TensorFlow, model.keras); 0 skips
+    method_options: dict = field(default_factory=dict)  # rise_masks, finercam_k, ... (runtime/methods*.py)
 
     def key(self) -> dict:
         """What decides whether a saved evaluation can be reused."""
@@ -123,7 +124,7 @@ def json_safe(obj):
 
 def _explain_all(ex, x, method, targets, cfg, log):
     """(heatmaps, cams) for every image, in chunks so that progress can be shown."""
-    chunk = 32 if method == "scorecam" else 256
+    chunk = 32 if method in ("scorecam", "rise") else 256
     tick = Ticker(f"{method}: explaining", len(x), log)
     out, cams = [], []
     for s in range(0, len(x), chunk):
@@ -192,7 +193,7 @@ def _sanity(model_path, model, x, targets, kept, methods, cfg, log) -> dict:
     try:
         return randomisation_test(model_path, model.meta, x, targets, {m: kept[m] for m in methods},
                                   {"threads": cfg.threads, "batch_size": 32, "scorecam_topk": cfg.scorecam_topk,
-                                   "placement": cfg.placement},
+                                   "placement": cfg.placement, "options": cfg.method_options},
                                   {"batch_size": cfg.batch_size}, cfg.seed, log)
     except SanitySkipped as exc:
         log(f"  sanity: skipped: {exc}")
@@ -204,9 +205,16 @@ def _log_estimate(rate, n, methods, model, cfg, log) -> None:
     per_image = (len(methods) + 1) * (1 + 2 * (cfg.steps - 1)) + 2
     if "scorecam" in methods:
         per_image += min(cfg.scorecam_topk or model.feature_shape[2], model.feature_shape[2])
+    if "rise" in methods:
+        from explicam.runtime.methods_perturb import rise_options
+
+        per_image += rise_options(cfg.method_options)[0]
+    if "finercam" in methods:
+        k = cfg.method_options.get("finercam_k")
+        per_image += min(3 if k is None else int(k), model.num_classes - 1)
     total = n * per_image
     log(f"  about {total} forward passes (~{total / rate / 60:.1f} min at {rate:.0f} images/s) before the "
-        "sanity test; --limit, --steps and --scorecam-topk cut it")
+        "sanity test; --limit, --steps, --scorecam-topk and --rise-masks cut it")
 
 
 def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, out: str | None = None,
@@ -220,7 +228,7 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
     start, timing = time.time(), {k: 0.0 for k in TIMED}
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "eval")
     ex = Explainer(model_path, threads=cfg.threads, batch_size=32, scorecam_topk=cfg.scorecam_topk,
-                   placement=cfg.placement)
+                   placement=cfg.placement, options=cfg.method_options)
     model = ex.model
     methods = list(cfg.methods or default_methods(model.head_kind))
     if not cfg.methods and "cam" not in methods:
@@ -229,7 +237,9 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
     unknown = [m for m in methods if m not in ex.methods]
     if unknown:
         raise ValueError(f"unknown method '{unknown[0]}'; choose from {', '.join(ex.methods)}")
-    es = load_eval_set(data, model.input_size, cfg.limit, cfg.masks, cfg.boxes)
+    plain = model.input_size is not None and not model.resize_shorter  # square, squeezed whole: as ever
+    es = load_eval_set(data, model.input_size, cfg.limit, cfg.masks, cfg.boxes,
+                       fit=None if plain else model.fit)
     if len(es.class_names) != model.num_classes:
         raise ValueError(f"{data} has {len(es.class_names)} classes but {model_path} was trained on "
                          f"{model.num_classes}: evaluate a model on its own dataset")
@@ -288,7 +298,7 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
     correct = (preds == es.labels).astype(float)
     results = {
         "model": os.path.abspath(model_path), "data": os.path.abspath(data), "kernel": model.kernel,
-        "input_size": model.input_size, "head": model.head_kind, "class_names": model.class_names,
+        "input_size": model.input_size or list(model.input_hw), "head": model.head_kind, "class_names": model.class_names,
         "images": len(x), "placement": ex.placement, "geometry": ex.geometry, "effective": effective,
         "skipped_images": es.skipped,
         "mask_source": es.mask_source,

@@ -56,12 +56,13 @@ def first_per_class(labels: np.ndarray) -> np.ndarray:
     return np.array([int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)], np.int64)
 
 
-def _read_mask(path: str, size: int) -> np.ndarray:
+def _read_mask(path: str, size) -> np.ndarray:
     m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise ImageError(f"{path}: not a readable mask image")
-    if m.shape != (size, size):
-        m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+    h, w = (size, size) if np.ndim(size) == 0 else size
+    if m.shape != (h, w):
+        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
     return m > 127
 
 
@@ -87,13 +88,14 @@ def read_boxes(csv_path: str) -> dict:
     return boxes
 
 
-def _box_mask(boxes, orig_hw, size: int) -> np.ndarray:
+def _box_mask(boxes, orig_hw, size) -> np.ndarray:
     h, w = orig_hw
-    m = np.zeros((size, size), bool)
+    sh, sw = (size, size) if np.ndim(size) == 0 else size
+    m = np.zeros((sh, sw), bool)
     for x0, y0, x1, y1 in boxes:
-        c0, c1 = int(np.floor(x0 * size / w)), int(np.ceil(x1 * size / w))
-        r0, r1 = int(np.floor(y0 * size / h)), int(np.ceil(y1 * size / h))
-        m[max(r0, 0):min(r1, size), max(c0, 0):min(c1, size)] = True
+        c0, c1 = int(np.floor(x0 * sw / w)), int(np.ceil(x1 * sw / w))
+        r0, r1 = int(np.floor(y0 * sh / h)), int(np.ceil(y1 * sh / h))
+        m[max(r0, 0):min(r1, sh), max(c0, 0):min(c1, sw)] = True
     return m
 
 
@@ -108,10 +110,15 @@ def _box_lookup(boxes: dict, path: str, root: str, val_folder: str | None):
     return None
 
 
-def load_eval_set(data: str, size: int, limit: int | None = None, masks_dir: str | None = None,
-                  boxes_csv: str | None = None, workers: int = 2) -> EvalSet:
+def load_eval_set(data: str, size, limit: int | None = None, masks_dir: str | None = None,
+                  boxes_csv: str | None = None, workers: int = 2, fit=None) -> EvalSet:
     """The validation split (class-balanced prefix of `limit` images), resized to `size`,
-    with object masks from the dataset, --masks or --boxes when there are any."""
+    with object masks from the dataset, --masks or --boxes when there are any.
+    size: S for a square input squeezed whole; otherwise pass `fit` (OnnxModel.fit: the
+    model's own resize, non-square or shorter-side crop), which images and masks go through
+    alike, so a mask stays on its object."""
+    if fit is not None:
+        return _load_fitted(data, fit, limit, masks_dir, boxes_csv, workers)
     if masks_dir and boxes_csv:
         raise ValueError("give either --masks or --boxes, not both")
     if masks_dir and not os.path.isdir(masks_dir):
@@ -151,6 +158,48 @@ def load_eval_set(data: str, size: int, limit: int | None = None, masks_dir: str
                                            "--masks DIR" if masks_dir else "dataset masks")
     return EvalSet([paths[i] for i in keep], images, ds.val.labels[order][keep].astype(np.int64), masks, source,
                    skipped, list(ds.class_names), ds.root, val_folder)
+
+
+def _load_fitted(data, fit, limit, masks_dir, boxes_csv, workers) -> EvalSet:
+    """load_eval_set for any preprocessing: masks are made at the photo's resolution, then
+    fitted like the photo (and thresholded)."""
+    ds = find_dataset(data)
+    order = balanced_order(ds.val.labels, limit)
+    paths = [ds.val.paths[i] for i in order]
+    boxes = read_boxes(boxes_csv) if boxes_csv else None
+    val_folder = ds.split_dirs.get("validation")
+
+    def load(path):
+        try:
+            img = read_image(path)
+        except ImageError as exc:
+            return None, None, str(exc)
+        h, w = img.shape[:2]
+        mask = None
+        if boxes is not None:
+            found = _box_lookup(boxes, path, ds.root, val_folder)
+            mask = _box_mask(found, (h, w), (h, w)) if found else None
+        else:
+            mpath = ds.mask_path(path, masks_dir)
+            mask = _read_mask(mpath, (h, w)) if mpath else None
+        fitted = None if mask is None else fit(np.repeat(mask[..., None] * np.uint8(255), 3, axis=2))[..., 0] > 127
+        return fit(img), fitted, None
+
+    with ThreadPoolExecutor(workers) as pool:
+        loaded = list(pool.map(load, paths))
+    keep = [i for i, (img, _, err) in enumerate(loaded) if err is None]
+    if not keep:
+        raise ValueError(f"no readable validation images in {data}")
+    images = np.stack([loaded[i][0] for i in keep])
+    have = [loaded[i][1] is not None for i in keep]
+    masks = None
+    if any(have):
+        masks = np.stack([loaded[i][1] if loaded[i][1] is not None else np.zeros(images.shape[1:3], bool)
+                          for i in keep])
+    source = "none" if masks is None else ("--boxes CSV" if boxes is not None else
+                                           "--masks DIR" if masks_dir else "dataset masks")
+    return EvalSet([paths[i] for i in keep], images, ds.val.labels[order][keep].astype(np.int64), masks, source,
+                   [err for _, _, err in loaded if err], list(ds.class_names), ds.root, val_folder)
 
 
 def habitat_groups(eval_set: EvalSet) -> dict | None:

@@ -120,11 +120,11 @@ def perturbed_series(x: np.ndarray, base_del: np.ndarray, base_ins: np.ndarray, 
     """The interior points t = 1..steps-1 of both curves for one image:
     (2 * (steps - 1), S, S, 3), deletion images first, then insertion images; written
     into `out` when given (no temporary copies: this runs once per image and method)."""
-    s, n = x.shape[0], steps - 1
+    (h, w), n = x.shape[:2], steps - 1
     if out is None:
         out = np.empty((2 * n,) + x.shape, np.float32)
-    counts = step_counts(s * s, steps)[1:-1]
-    changed = (ranks.reshape(1, s, s) < counts[:, None, None])[..., None]  # (steps-1, S, S, 1)
+    counts = step_counts(h * w, steps)[1:-1]
+    changed = (ranks.reshape(1, h, w) < counts[:, None, None])[..., None]  # (steps-1, H, W, 1)
     out[:n] = x
     np.copyto(out[:n], base_del, where=changed)
     out[n:] = base_ins

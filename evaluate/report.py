@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from explicam.evaluate import figures
+from explicam.evaluate import figures, study
 from explicam.runtime.overlay import save_png
 
 FILTERS = (16, 32, 64, 128, 256)
@@ -186,7 +186,7 @@ def _placement_findings(entries) -> list:
     return lines
 
 
-def _findings(entries, chance):
+def _findings(entries, chance, extra=()):
     lines = _placement_findings(entries)
     best = max(entries, key=lambda e: e["summary"]["final_val_accuracy"])
     lines.append(f"Best final validation accuracy: kernel {best['kernel']} "
@@ -217,7 +217,7 @@ def _findings(entries, chance):
             lines.append(f"Kernel {e['kernel']}: the {ins['kind']} images that insertion starts from are still "
                          f"classified as the explained class {ins['keeps_class']:.0%} of the time, so insertion AUC "
                          "hardly separates the methods here; deletion does.")
-    return [("ul", lines)]
+    return [("ul", lines + list(extra))]  # extra: the study's answers over every run (evaluate/study.py)
 
 
 def build_blocks(entries, context):
@@ -227,7 +227,8 @@ def build_blocks(entries, context):
               ("p", f"Data: <code>{html.escape(context['data'])}</code>, {size}x{size} px, kernels "
                     f"{', '.join(str(e['kernel']) for e in entries)}. Generated {time.strftime('%Y-%m-%d %H:%M')} "
                     f"by <code>{html.escape(context.get('command', 'python cli.py sweep'))}</code>."),
-              ("h2", "Findings")] + _findings(entries, chance)
+              ("h2", "Findings")] + _findings(entries, chance, context.get("findings", ()))
+    blocks += list(context.get("study_blocks", ()))  # repeats, size grid, habitat reliance
     blocks += [("h2", "Training (the seed's table)"), _seed_table(entries, size),
                ("p", "Receptive field: the side of the input square one conv4 unit can see, 31K - 15 px for this "
                      "network (theoretical; the effective field is smaller, Luo et al. 2016). Above 1.0 every unit "
@@ -372,6 +373,10 @@ def write_report(out_dir: str, entries: list, context: dict) -> str:
         raise ValueError("nothing to report: no run has finished training and evaluation yet")
     entries = sorted(entries, key=lambda e: e["kernel"])
     os.makedirs(out_dir, exist_ok=True)
+    # several runs per kernel (seeds, sizes, datasets): the study's sections cover them all,
+    # the per-kernel sections one representative run each
+    context = study.extend_context(entries, context, os.path.join(out_dir, "figures"))
+    entries = study.representatives(entries) if study.is_study(entries) else entries
     chance = _num(entries[0]["results"]["chance"]["object_share"])
     write_figures(entries, os.path.join(out_dir, "figures"), chance)
     blocks = build_blocks(entries, context)

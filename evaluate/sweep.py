@@ -219,17 +219,22 @@ def sweep_run_dirs(runs_dir: str, kernels, head: str = "flatten") -> list:
 
 
 def run_sweep(data: str, kernels, make_config, eval_cfg: EvalConfig, runs_dir: str = "runs", out: str = "report",
-              log=print, command: str | None = None, grid: SweepGrid | None = None) -> str:
+              log=print, command: str | None = None, grid: SweepGrid | None = None, scheduler=None) -> str:
     """Train, export and evaluate every kernel (skipping what is done), then report.
     make_config(kernel) -> train.fit.TrainConfig. Returns the report's HTML path.
     grid: seeds, image sizes and datasets per kernel (evaluate/grid.py); make_config then
     also takes the overrides image_size=, seed=, data=.
-    Every run folder is locked for the whole sweep: a second sweep stops at once."""
+    Every run folder is locked for the whole sweep: a second sweep stops at once.
+    scheduler: run the plan elsewhere, e.g. on Ray (evaluate/scheduled.py)."""
     if grid is None:
         configs = {k: make_config(k) for k in kernels}
         plan = [(k, sweep_run_dirs(runs_dir, [k], c.head)[0], c) for k, c in configs.items()]
     else:
         plan = grid_plan(runs_dir, kernels, grid, make_config)
+    if scheduler is not None:  # the runs placed elsewhere (cluster/sweep.py); each locks its own folder
+        from explicam.evaluate.scheduled import scheduled_sweep
+
+        return scheduled_sweep(plan, data, eval_cfg, out, log, command or _command(), scheduler)
     with hold_run_folders([run_dir for _, run_dir, _ in plan], "sweep"):
         return _run_plan(plan, data, eval_cfg, out, log, command)
 

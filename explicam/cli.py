@@ -96,6 +96,11 @@ def train_options(fn):
         click.option("--translation", default=0.1, show_default=True, help="Augment: shift, fraction of the side."),
         click.option("--contrast", default=0.1, show_default=True, help="Augment: contrast factor."),
         click.option("--no-augment", is_flag=True, help="Turn all augmentation off."),
+        click.option("--cache", type=click.Choice(["auto", "memory", "disk"]), default="auto", show_default=True,
+                     help="Decoded images (streamed from the files): in memory while they fit --cache-budget, "
+                          "else a tf.data cache file in the run folder."),
+        click.option("--cache-budget", "cache_budget_mb", type=float, default=None, metavar="MB",
+                     help="Memory for decoded images [default: 2048, or a quarter of the free memory if less]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -115,6 +120,9 @@ def make_train_config(kernel, no_augment=False, **kw):
 @train_options
 @click.option("--run-dir", default=None, help="Run folder [default: runs/k{KERNEL}].")
 @click.option("--fresh", is_flag=True, help="Delete the run folder's previous state and start over.")
+@click.option("--distribute", type=click.Choice(["none", "mirrored"]), default="none", show_default=True,
+              help="mirrored: tf.distribute.MirroredStrategy over the GPUs (else the CPU devices); --batch-size "
+                   "stays the global batch.")
 @friendly
 def train(kernel, run_dir, fresh, **kw):
     """Train the seed CNN; killed and restarted with the same command, it resumes."""
@@ -241,12 +249,54 @@ placement_option = click.option(
          "model file has geometry, else naive].")
 
 
+def method_options(fn):
+    """Options of single methods (shared by explain, evaluate and sweep); unset ones keep the
+    method's default (runtime/methods.py, runtime/methods_perturb.py)."""
+    opts = [
+        click.option("--rise-masks", type=int, default=None, help="RISE: random masks per image [default: 1000]."),
+        click.option("--rise-cells", type=int, default=None, help="RISE: mask grid cells per side [default: 8]."),
+        click.option("--rise-p", type=float, default=None, help="RISE: probability a cell is kept [default: 0.5]."),
+        click.option("--finercam-k", type=int, default=None,
+                     help="Finer-CAM: reference classes nearest the target by logit [default: 3]."),
+        click.option("--finercam-alpha", type=float, default=None,
+                     help="Finer-CAM: comparison strength, 0 = Grad-CAM [default: 1]."),
+        click.option("--reciprocam-mask", type=click.Choice(["onehot", "gaussian"]), default=None,
+                     help="Recipro-CAM's spatial mask: the position alone, or its 3x3 Gaussian neighbourhood "
+                          "[default: onehot]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+METHOD_OPTIONS = ("rise_masks", "rise_cells", "rise_p", "rise_seed", "finercam_k", "finercam_alpha",
+                  "reciprocam_mask")
+
+
+def pop_method_options(kw: dict) -> dict:
+    """The method options out of a command's keyword arguments (removed there), the set ones only."""
+    return {k: v for k in METHOD_OPTIONS if (v := kw.pop(k, None)) is not None}
+
+
+def plain_preprocess(kw: dict) -> dict | None:
+    """explain's preprocessing options (removed from kw) for a plain ONNX classifier (RISE,
+    runtime/plain.py); None when the command line gave none of them."""
+    names = ("scale", "mean", "std", "channels", "layout", "input_size", "resize_shorter")
+    values = {n: kw.pop(n) for n in names}
+    ctx = click.get_current_context()
+    if all(ctx.get_parameter_source(n) == click.core.ParameterSource.DEFAULT for n in names):
+        return None
+    return {"preprocess": make_preprocess(values["scale"], values["mean"], values["std"], values["channels"]),
+            "input_hw": parse_hw(values["input_size"]), "layout": values["layout"],
+            "resize_shorter": values["resize_shorter"]}
+
+
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
 @click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, xgradcam, hirescam, layercam, scorecam, ablationcam, eigencam, cam; "
-                   "several comma-separated or 'all' for a grid (images only).")
+              help="gradcam, gradcam++, xgradcam, hirescam, layercam, finercam, scorecam, ablationcam, eigencam, "
+                   "reciprocam, rise, cam; several comma-separated or 'all' for a grid (images only).")
 @click.option("--target", default=None, help="Class (name or index) to explain [default: the top-1 class].")
 @click.option("--out", default="out", show_default=True, help="Output folder for images (and default video).")
 @click.option("--top-k", default=3, show_default=True, help="Classes written on overlays and in predictions.csv.")
@@ -283,6 +333,9 @@ placement_option = click.option(
 @click.option("--threads", type=int, default=None,
               help="onnxruntime intra-op threads [default: all cores; video: half each, two frames in flight].")
 @placement_option
+@method_options
+@click.option("--seed", "rise_seed", type=int, default=None, help="RISE: seed of the mask set [default: 0].")
+@preprocess_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Images on Ray Data (cluster/): --ray (a Ray started here), --ray auto (this machine's "
                    "cluster) or --ray HOST:PORT; sources may also be CSV / Parquet files of image paths; adds "
@@ -295,7 +348,7 @@ placement_option = click.option(
 def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
             batch_size, webcam, video, show, output, serve, host, token, no_token, certfile, keyfile, max_clients,
             reconnect, max_retries, realtime, max_frames, threads, placement, ray_address=None, path_column="path",
-            concurrency=None, cpus_per_actor=1.0):
+            concurrency=None, cpus_per_actor=1.0, **more):
     """Heatmaps for images and folders, video files and webcams.
 
     \b
@@ -304,6 +357,8 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
       python cli.py explain --webcam --show                  live, in a window
       python cli.py explain --video clip.mp4 --output o.mp4  every frame, recorded
       python cli.py explain --webcam --serve 8080            live, in a browser
+      python cli.py explain photo.jpg --model any.onnx --method rise --scale 1/255
+                                                             RISE on an ONNX classifier never exported
     """
     import contextlib
 
@@ -316,6 +371,9 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
         if placement:
             raise click.UsageError("--placement applies to images for now; video and cameras use the model's "
                                    "default (geometric when the file has geometry)")
+        if pop_method_options(more) or plain_preprocess(more):
+            raise click.UsageError("method options (--rise-*, --finercam-*, --reciprocam-mask, --seed) and "
+                                   "preprocessing options apply to images for now")
         cfg = StreamConfig(model=model_path, method=method, target=target, show=show, output=output, serve=serve,
                            host=host, out=out, token=token, no_token=no_token, certfile=certfile, keyfile=keyfile,
                            max_clients=max_clients, reconnect=reconnect, max_retries=max_retries, alpha=alpha,
@@ -339,7 +397,8 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
 
     cfg = FilesConfig(model=model_path, out=out, method=method, target=target, top_k=top_k, alpha=alpha,
                       colormap=colormap, side_by_side=side_by_side, heatmap=heatmap, labels=labels,
-                      batch_size=batch_size, threads=threads, placement=placement)
+                      batch_size=batch_size, threads=threads, placement=placement,
+                      options=pop_method_options(more), preprocess=plain_preprocess(more))
     if ray_address is not None:  # bulk, on Ray Data: cluster/explain.py
         from explicam.cluster.explain import RayConfig, explain_on_ray, summary_line
 
@@ -377,6 +436,16 @@ def stream_summary(res) -> str:
 
 
 # ---------------------------------------------------------------------------- bench
+def parse_counts(text: str) -> tuple:
+    try:
+        counts = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}", param_hint="--ray-actors")
+    return counts
+
+
 @main.command()
 @click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
 @click.option("--methods", default=None, help="Comma-separated methods [default: all].")
@@ -393,12 +462,28 @@ def stream_summary(res) -> str:
 @click.option("--frames", default=3000, show_default=True, help="Frames for --video, over all rounds.")
 @click.option("--rounds", default=3, show_default=True,
               help="--video: loop and forward pass take turns this many times; the median ratio is reported.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Images/s of bulk explanation through Ray Data vs the one-machine explain, on --images "
+                   "(all of them; the first method of --methods, default gradcam).")
+@click.option("--ray-actors", default="1,2", show_default=True, help="--ray: actor counts to time (1 CPU each).")
 @friendly
-def bench(model_path, methods, batches, threads, seconds, images_dir, out, original, video, frames, rounds):
+def bench(model_path, methods, batches, threads, seconds, images_dir, out, original, video, frames, rounds,
+          ray_address=None, ray_actors="1,2"):
     """Milliseconds per image of every method vs the plain forward pass, in one run."""
     from explicam.runtime.model import newest_model
 
     model_path = model_path or newest_model()
+    if ray_address is not None:  # cluster/bench.py
+        from explicam.cluster.bench import bench_ray, summary_lines
+        from explicam.runtime.images import list_images
+
+        if not images_dir:
+            raise click.UsageError("--ray needs --images DIR (e.g. 2,000 images from cli.py dataset synth)")
+        result = bench_ray(model_path, list_images(images_dir), ray_address, parse_counts(ray_actors),
+                           (methods or "gradcam").split(",")[0], log=click.echo)
+        for line in summary_lines(result):
+            click.echo(line)
+        return
     if video:
         from explicam.runtime.video.bench import bench_video
 
@@ -483,14 +568,18 @@ def make_eval_config(methods, eval_batch, sanity_images, seed=None, threads=None
             quiet_tensorflow()  # the randomisation test rebuilds models; without TensorFlow it is skipped
         except ImportError:
             pass
+    options = {**pop_method_options(kw), **kw.pop("method_options", {})}
+    if seed:
+        options.setdefault("rise_seed", seed)  # --seed draws RISE's masks too
     return EvalConfig(methods=chosen, batch_size=eval_batch, sanity_images=sanity_images, seed=seed or 0,
-                      threads=threads, **kw)
+                      threads=threads, method_options=options, **kw)
 
 
 @main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(), help="An explicam model.onnx.")
 @click.option("--data", required=True, type=click.Path(), help="The dataset the model was trained on.")
 @eval_options
+@method_options
 @click.option("--out", default=None, help="Output folder [default: eval/ beside the model].")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random maps and tie-breaking.")
@@ -516,6 +605,12 @@ def evaluate(model_path, data, out, **kw):
               help="Run folders go to RUNS_DIR/k{K} (RUNS_DIR/k{K}_s{SEED}_{SIZE} with --seeds > 1 or several "
                    "sizes; RUNS_DIR/<data name>/... with several --data folders, comma-separated).")
 @click.option("--out", default="report", show_default=True, help="Report folder (index.html, report.md).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Each run a Ray task (cluster/sweep.py): --ray (a Ray started here), --ray auto or HOST:PORT; "
+                   "--runs-dir, --data and --out must then be paths every node sees.")
+@click.option("--cpus-per-run", type=float, default=1.0, show_default=True, help="--ray: CPUs per run's task.")
+@click.option("--gpus-per-run", type=float, default=0.0, show_default=True, help="--ray: GPUs per run's task.")
+@method_options
 @friendly
 def sweep(kernels, data, seeds, image_sizes, runs_dir, out, methods, limit, steps, deletion_baseline,
           insertion_baseline, eval_batch, scorecam_topk, sanity_images, target, tolerance, masks, boxes, placement,
@@ -534,6 +629,12 @@ def sweep(kernels, data, seeds, image_sizes, runs_dir, out, methods, limit, step
     folders = (sweep_run_dirs(runs_dir, chosen, train_kw["head"]) if grid is None else
                [p.run_dir for p in plan_points(runs_dir, chosen, grid, train_kw["head"], train_kw["image_size"],
                                                datas[0])])
+    ray_address, cpus, gpus = (train_kw.pop(k) for k in ("ray_address", "cpus_per_run", "gpus_per_run"))
+    scheduler = None
+    if ray_address is not None:  # on Ray each run's task locks its own folder, wherever it runs
+        from explicam.cluster.sweep import ray_scheduler
+
+        scheduler, folders = ray_scheduler(ray_address, cpus, gpus, log=click.echo), []
     # a second sweep on these folders stops here, before TensorFlow loads
     with hold_run_folders(folders, "sweep"):
         quiet_tensorflow()
@@ -541,9 +642,9 @@ def sweep(kernels, data, seeds, image_sizes, runs_dir, out, methods, limit, step
                                steps=steps, deletion_baseline=deletion_baseline,
                                insertion_baseline=insertion_baseline, scorecam_topk=scorecam_topk, target=target,
                                tolerance=tolerance, masks=masks, boxes=boxes, placement=placement,
-                               effective_images=effective_images)
+                               effective_images=effective_images, method_options=pop_method_options(train_kw))
         path = run_sweep(data, chosen, lambda k, **over: make_train_config(k, **{**train_kw, "data": datas[0], **over}),
-                         cfg, runs_dir=runs_dir, out=out, log=click.echo, grid=grid)
+                         cfg, runs_dir=runs_dir, out=out, log=click.echo, grid=grid, scheduler=scheduler)
     click.echo(f"report: {path}")
 
 

@@ -134,6 +134,10 @@ def torch_gradcam(model_path: str, threads: int | None = None, log=print) -> dic
     stem = os.path.splitext(str(model.meta.get("source_file") or ""))[0]
     if stem not in zoo.NETWORKS:
         return {}
+    # torch's OpenMP threads busy-wait between calls unless told not to; onnxruntime's pool
+    # here does not ("spinning off"): the same policy for both, and no spinning thread of one
+    # slowing the other's rows (on a loaded 2-core box spinning made torch 20x slower)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch first loads OpenMP
     try:
         import torch
         GradCAM = import_gradcam(log)
@@ -152,6 +156,8 @@ def torch_gradcam(model_path: str, threads: int | None = None, log=print) -> dic
         log(f"  (no {TORCH_ROW} row: zoo's {stem} is not the network in {model_path}, logits differ by {err:.1e})")
         return {}
     cam = GradCAM(model=net, target_layers=[zoo.feature_module(stem, net)])
+    log(f"  {TORCH_ROW}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; its logits match the export's ({err:.1e})")
 
     def gradcam(x):
         return cam(input_tensor=torch.from_numpy(pre.numpy(np.asarray(x, np.float32))), targets=None)

@@ -21,7 +21,8 @@ import onnxruntime as ort
 from explicam.runtime.explainer import Explainer
 from explicam.runtime.model import session_options
 
-SLOW = {"scorecam"}  # hundreds of forward passes per image: fewer repetitions
+SLOW = {"scorecam", "rise"}  # hundreds of forward passes per image: fewer repetitions
+RISE_MASKS = 256  # RISE is timed on this many masks (its cost is linear in them); "rise, per mask" divides
 
 
 def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds: int = 3,
@@ -128,14 +129,21 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
             add(name, kernels, batch, value, fwd)
         for method in [m for m in methods if m in SLOW]:  # a few rounds, each beside its own forward pass
             # ten forward calls per round: one call beside a half-second explanation is too noisy
+            kw = {"rise_masks": RISE_MASKS} if method == "rise" else {}
             slow = {"forward": lambda: [forward() for _ in range(10)],
-                    **{k: (lambda e=e, m=method: e.explain(x_u8, m)) for k, e in ex.items()}}
+                    **{k: (lambda e=e, m=method: e.explain(x_u8, m, **kw)) for k, e in ex.items()}}
+            if method == "rise":  # its masked images go through the classifier 32 at a time: so does this one
+                x32 = np.ascontiguousarray(np.repeat(x[:1], 32, axis=0))
+                slow["forward 32"] = lambda: plain.run(["probabilities"], {"image": x32})
             if method == "scorecam" and model.masked_forward() is not None:  # before/after receptive-field crops
                 slow["whole"] = lambda m=method: ex["numba"].explain(x_u8, m, scorecam_crop=False)
             ms = _interleaved(slow, batch, 0.0, min_rounds=3 if batch <= 4 else 1)
             ms["forward"] /= 10
             for kernels in ex:
-                add(method, kernels, batch, ms[kernels], ms["forward"])
+                add(method if method != "rise" else f"rise ({RISE_MASKS} masks)", kernels, batch, ms[kernels],
+                    ms["forward"])
+            for kernels in ex if method == "rise" else ():  # x forward here reads as "x N forward passes"
+                add("rise, per mask", kernels, batch, ms[kernels] / RISE_MASKS, ms["forward 32"] / 32 * batch)
             if "whole" in ms:
                 add(f"{method}, whole images", "numba", batch, ms["whole"], ms["forward"])
         for name, fn in (baselines or {}).items():  # apart: TensorFlow's idle threads would slow the other rows

@@ -69,7 +69,7 @@ class Explainer:
         self.batch_size = int(batch_size)
         self.scorecam_topk = scorecam_topk
         self.options = dict(options or {})
-        self.cache: dict = {}  # what a method computes once per explainer (RISE's masks), runtime/methods.py
+        self.cache: dict = {}  # what a method computes once per explainer (RISE's masks, runtime/methods_perturb.py)
         if warmup:  # compile the kernels and let onnxruntime allocate now, not on the first frame
             camkernels.warmup(self.k)
             self.explain(np.zeros((1, *self.input_hw, 3), np.uint8), "gradcam")

@@ -17,9 +17,10 @@ def ray_address():
         ray.shutdown()
 
 
-def descendants_named(prefix: str) -> list:
-    """pids of processes whose title starts with `prefix` (Ray names a worker 'ray::Class')
-    and that descend from this test process: only workers of the Ray this session started."""
+def descendants_named(part: str) -> list:
+    """pids of Ray workers whose title holds `part` (Ray titles a worker 'ray::Class...'; a Ray
+    Data actor is 'ray::MapWorker(...)') and that descend from this test process: only workers
+    of the Ray this session started."""
     me, found = os.getpid(), []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -27,7 +28,7 @@ def descendants_named(prefix: str) -> list:
                 title = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if title.startswith(prefix) and _descends_from(int(pid), me):
+        if title.startswith("ray::") and part in title and _descends_from(int(pid), me):
             found.append(int(pid))
     return found
 

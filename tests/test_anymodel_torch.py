@@ -1,6 +1,8 @@
 """`export --model FILE` for ONNX graphs from PyTorch: gradients against torch autograd,
 the runtime on their exports (non-square, grey, shorter-side crops), and the errors a
 user can meet. torch makes the test files; the runtime never imports it."""
+import json
+
 import cv2
 import numpy as np
 import onnxruntime as ort
@@ -170,3 +172,31 @@ def test_errors_name_the_file_and_what_to_do(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr and "spatial" in res.stderr
     for folder in "ace":
         assert not (tmp_path / folder).exists()
+
+
+def test_evaluate_on_a_non_square_cropped_export(tmp_path):
+    """Images and masks go through the model's own resize (here a shorter-side crop to a
+    72x96 input) alike, so the localisation metrics compare the right pixels."""
+    from explicam import Explainer
+    from explicam.evaluate.inputs import load_eval_set
+    from explicam.train import synth
+    from explicam.train.data import find_dataset
+
+    data = tmp_path / "data"
+    synth.generate(data, n_train=8, n_val=12, size=96, num_classes=4, seed=3)
+    net = _torch_net(seed=5)
+    net.fc = torch.nn.Linear(16, 4)
+    path, _ = _export(tmp_path, _to_onnx(net.eval(), tmp_path / "t4.onnx", (1, 3, 72, 96)), "--resize-shorter", "80")
+    model = Explainer(path, warmup=False).model
+    es = load_eval_set(str(data), None, fit=model.fit)
+    assert es.images.shape[1:] == (72, 96, 3) and es.masks.shape[1:] == (72, 96)
+    mask = cv2.imread(find_dataset(str(data)).mask_path(es.paths[0]), cv2.IMREAD_GRAYSCALE)
+    # 96x96 photo, shorter side to 80: the model's 72x96 input is the centre 86.4x96 window
+    y0 = (96 - 72 * 96 / 80) / 2
+    want = cv2.resize(mask[int(round(y0)):int(round(96 - y0))], (96, 72), interpolation=cv2.INTER_AREA) > 127
+    assert (es.masks[0] != want).mean() < 0.01
+    res = run_cli("evaluate", "--model", path, "--data", data, "--methods", "gradcam", "--sanity-images", 0,
+                  "--out", tmp_path / "eval")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gradcam", "random"]

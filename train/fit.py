@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from explicam.train.data import find_dataset, make_augmenter
+from explicam.train.distribute import distribution_scope
 from explicam.train.lock import remove_contents_but_lock, run_folder_lock
 from explicam.train.stream import check_images, remove_caches, training_streams
 
@@ -227,14 +228,16 @@ def _train(cfg: TrainConfig, run_dir: str, fresh: bool, verbose, log) -> dict:
         keras.utils.set_random_seed(cfg.seed)
         tf.config.experimental.enable_op_determinism()
     os.makedirs(run_dir, exist_ok=True)
-    if state:
-        model = keras.models.load_model(os.path.join(run_dir, "backup", state["backup"]))
-        log(f"resuming {run_dir} after epoch {state['epoch']} (best {cfg.monitor} {state['best']:.4f} "
-            f"at epoch {state['best_epoch']})")
-    else:
-        model = build_model(cfg.kernel, cfg.image_size, len(ds.class_names), cfg.head, cfg.dropout)
-        model.compile(optimizer=keras.optimizers.RMSprop(cfg.learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    with distribution_scope(cfg.distribute, log):  # --distribute mirrored: variables on every replica
+        if state:
+            model = keras.models.load_model(os.path.join(run_dir, "backup", state["backup"]))
+            log(f"resuming {run_dir} after epoch {state['epoch']} (best {cfg.monitor} {state['best']:.4f} "
+                f"at epoch {state['best_epoch']})")
+        else:
+            model = build_model(cfg.kernel, cfg.image_size, len(ds.class_names), cfg.head, cfg.dropout)
+            model.compile(optimizer=keras.optimizers.RMSprop(cfg.learning_rate),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    if not state:
         state = {"fingerprint": cfg.fingerprint(), "config_text": f"kernel {cfg.kernel}, size {cfg.image_size}, "
                  f"head {cfg.head}", "epoch": 0, "best": None, "best_epoch": 0, "wait": 0,
                  "wall_time_s": 0.0, "history": []}
