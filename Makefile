@@ -49,7 +49,7 @@ demo-imagenet: $(VENV)/.imagenet
 
 # EfficientNet-Lite0 and a ResNet-50 (seeded random weights) at 224, batch 1 and 32: every
 # method next to the plain forward of the ONNX file torch wrote, and pytorch-grad-cam.
-IMAGENET_BENCH := --batches 1,32 --methods cam,gradcam,gradcam++,xgradcam,hirescam,layercam,finercam,ablationcam,eigencam
+IMAGENET_BENCH := --batches 1,32 --seconds 3 --methods cam,gradcam,gradcam++,xgradcam,hirescam,layercam,finercam,ablationcam,eigencam
 bench-imagenet: $(VENV)/.imagenet
 	$(PY) cli.py demo --imagenet
 	$(PY) -m explicam.export.zoo resnet50

@@ -16,6 +16,7 @@ LOCAL = "local"
 
 def require_ray():
     try:
+        import pyarrow  # noqa: F401 - the results are Parquet
         import ray
     except ModuleNotFoundError:
         raise RuntimeError("--ray needs Ray, which the base and [train] installs leave out: "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from explicam.cluster import connect
+from explicam.cluster import connect, require_ray
 from explicam.cluster.results import RESULTS_DIR, ResultSink, done_keys, rows_table, write_predictions_csv
 from explicam.cluster.sources import collect_sources, read_any
 from explicam.runtime.files import DECODE_MIN_SIDE, FilesConfig, Item, Writer, check_writable, parse_methods
@@ -147,6 +147,7 @@ def _prepare(sources, cfg: FilesConfig, rcfg: RayConfig):
 def explain_on_ray(sources, cfg: FilesConfig, rcfg: RayConfig | None = None, log=print) -> RayResult:
     """Explain every image of `sources` on Ray into cfg.out (see the module docstring)."""
     rcfg = rcfg or RayConfig()
+    require_ray()  # before any work: without the cluster extra, say what to install
     t0 = time.perf_counter()
     cfg, items, methods, top_k, notes = _prepare(sources, cfg, rcfg)
     folder = os.path.join(cfg.out, RESULTS_DIR)
@@ -183,8 +184,10 @@ def _run(todo: list, cfg: FilesConfig, rcfg: RayConfig, spec: ActorSpec, done: s
         f"{batch} per batch")
     ds = ray.data.from_items([{"path": it.path, "stem": it.stem} for it in todo],
                              override_num_blocks=max(1, min(n_batches, actors * 8)))
+    # Ray Data gives its actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced and
+    # its batch run again (tests/test_cluster_explain.py kills one)
     ds = ds.map_batches(ExplainActor, fn_constructor_args=(spec,), batch_size=batch, batch_format="numpy",
-                        concurrency=actors, num_cpus=rcfg.cpus_per_actor, max_restarts=-1, max_task_retries=-1)
+                        concurrency=actors, num_cpus=rcfg.cpus_per_actor)
     sink = ResultSink(os.path.join(cfg.out, RESULTS_DIR), done)
     try:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

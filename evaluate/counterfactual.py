@@ -93,6 +93,7 @@ def counterfactual_text(cf: dict | None) -> str | None:
         line += (f"; the same objects: validation {sw['validation_accuracy']:.1%} -> swapped {sw['accuracy']:.1%} "
                  f"({100 * cf['drop_swapped']:.1f} points lost; {sw['follows_habitat']:.0%} follow the new habitat)")
     if "background_above_chance" in cf:
-        line += (f"; the background alone is classified {cf['background_above_chance']:+.1%} "
-                 f"from chance ({cf['chance']:.1%})")
+        bg = cf["sets"]["background-only"]["accuracy"]
+        line += (f"; the background alone is classified right {bg:.1%}, {100 * cf['background_above_chance']:+.1f} "
+                 f"points from chance ({cf['chance']:.1%})")
     return line

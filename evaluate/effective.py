@@ -12,10 +12,13 @@ least squares over the inner cells (the outer ring's fields are cut by the image
 which pulls their centres inwards), the same form the geometric placement has, so it can be
 given to Explainer(placement=...) and scored beside the other placements.
 
-The gradients come from TensorFlow and the run's model.keras (`keras_cell_saliency`), as the
-randomisation test does: the exported ONNX file has no input gradients yet, so the runtime
-offers no `--placement effective`; `evaluate` measures it when TensorFlow and model.keras are
-there and reports it beside the geometric centre.
+The gradients come from the ONNX file itself: explicam's differentiation of the exported
+graph, seeded per cell (export/input_grads.py: cell_gradient_model), with onnx and
+onnxruntime alone, for any export whose ops from the image to the features have gradient
+rules; TensorFlow and the run's model.keras (`keras_cell_saliency`) are the fallback where
+onnx is not installed. `export --input-grads` measures it once and writes it into the
+metadata (`--placement effective`); `evaluate` measures it again on its own images and
+reports it beside the geometric centre.
 """
 from __future__ import annotations
 
@@ -41,18 +44,22 @@ def cell_centres(saliency: np.ndarray) -> np.ndarray:
     return np.stack([cy, cx], axis=-1)
 
 
-def fit_placement(centres: np.ndarray) -> dict:
+def fit_placement(centres: np.ndarray, rows=None, cols=None, full_hw=None) -> dict:
     """{"stride": [sy, sx], "offset": [oy, ox], "residual_px": [ry, rx]} fitted to (h, w, 2)
-    centres over the inner cells (all cells when the map has fewer than 3 per axis)."""
+    centres over the inner cells (all cells when the map has fewer than 3 per axis). `rows`,
+    `cols`: the cell indices the centres belong to when only some were measured (default
+    all), out of a map of `full_hw` cells (default (h, w)); its outer ring is left out."""
     h, w, _ = centres.shape
-    inner_y = slice(1, h - 1) if h >= 3 else slice(0, h)
-    inner_x = slice(1, w - 1) if w >= 3 else slice(0, w)
+    rows = np.arange(h) if rows is None else np.asarray(rows)
+    cols = np.arange(w) if cols is None else np.asarray(cols)
+    fh, fw = full_hw or (h, w)
+    inner_y = (rows > 0) & (rows < fh - 1) if fh >= 3 else np.ones(h, bool)
+    inner_x = (cols > 0) & (cols < fw - 1) if fw >= 3 else np.ones(w, bool)
     out = {"stride": [], "offset": [], "residual_px": []}
-    for axis, n in ((0, h), (1, w)):
-        idx = np.arange(n, dtype=np.float64)
-        grid = np.broadcast_to(idx[:, None] if axis == 0 else idx[None, :], (h, w))
-        j, c = grid[inner_y, inner_x].ravel(), centres[inner_y, inner_x, axis].ravel()
-        if np.ptp(j) == 0:  # one cell along this axis: the stride is not measurable
+    for axis in (0, 1):
+        idx = np.broadcast_to(rows[:, None] if axis == 0 else cols[None, :], (h, w)).astype(np.float64)
+        j, c = idx[inner_y][:, inner_x].ravel(), centres[inner_y][:, inner_x, axis].ravel()
+        if j.size == 0 or np.ptp(j) == 0:  # one cell along this axis: the stride is not measurable
             raise ValueError("need at least two cells along each axis to fit a stride")
         stride, offset = np.polyfit(j, c, 1)
         out["stride"].append(float(stride))
@@ -83,9 +90,30 @@ def keras_cell_saliency(model, layer: str, images: np.ndarray) -> np.ndarray:
     return out
 
 
-def measure_effective(onnx_path: str, meta: dict, x: np.ndarray, geometry: dict | None) -> dict:
-    """The fitted effective placement of the model beside `onnx_path` (its model.keras), with
-    how far it lies from the geometric centres. Raises EffectiveSkipped when it cannot run."""
+def measure_effective(onnx_path: str, meta: dict, x: np.ndarray, geometry: dict | None,
+                      features: str = "features") -> dict:
+    """The fitted effective placement of the model in `onnx_path` (its feature output
+    `features`), with how far it lies from the geometric centres: from the ONNX graph, else
+    from the model.keras beside it. Raises EffectiveSkipped when neither can run."""
+    try:
+        from explicam.export.input_grads import measure_effective as from_onnx
+    except ImportError as exc:   # onnx is not installed (an edge install): TensorFlow, if it is there
+        why = f"onnx is not installed ({exc.name})"
+    else:
+        try:
+            return from_onnx(onnx_path, x, geometry, features)
+        except Exception as exc:  # noqa: BLE001  (an op without a gradient rule, a cell without influence)
+            why = str(exc).splitlines()[0]
+    if features != "features":
+        raise EffectiveSkipped(f"{why}; and the TensorFlow fallback measures the primary feature layer only")
+    try:
+        return keras_effective(onnx_path, meta, x, geometry)
+    except EffectiveSkipped as exc:
+        raise EffectiveSkipped(f"{why}; {exc}") from None
+
+
+def keras_effective(onnx_path: str, meta: dict, x: np.ndarray, geometry: dict | None) -> dict:
+    """measure_effective from TensorFlow and the model.keras beside `onnx_path`."""
     keras_path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "model.keras")
     if not os.path.isfile(keras_path):
         raise EffectiveSkipped(f"no model.keras beside {onnx_path}: the input gradients come from it")

@@ -56,6 +56,7 @@ class EvalConfig:
     placement: str | None = None  # heatmaps for every metric; None: the model's default (geometric if known)
     effective_images: int = 8     # images for the effective centres (needs TensorFlow, model.keras); 0 skips
     method_options: dict = field(default_factory=dict)  # rise_masks, finercam_k, ... (runtime/methods*.py)
+    feature_layer: str | None = None  # which of the file's feature layers single-layer methods read (Explainer)
 
     def key(self) -> dict:
         """What decides whether a saved evaluation can be reused."""
@@ -78,10 +79,13 @@ class Ticker:
             self.last = now
 
 
-def default_methods(head_kind: str) -> list:
+def default_methods(head_kind: str, input_grads: bool = False) -> list:
+    """Every method the model supports: classic CAM only on a GAP head, the input-gradient
+    methods only where the export wrote input gradients (--input-grads)."""
     from explicam.runtime.methods import METHODS
+    from explicam.runtime.methods_input import INPUT_GRAD_METHODS
 
-    return [m for m in METHODS if m != "cam" or head_kind == "gap"]
+    return [m for m in METHODS if (m != "cam" or head_kind == "gap") and (input_grads or m not in INPUT_GRAD_METHODS)]
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -126,12 +130,18 @@ def _explain_all(ex, x, method, targets, cfg, log):
     """(heatmaps, cams) for every image, in chunks so that progress can be shown."""
     chunk = 32 if method in ("scorecam", "rise") else 256
     tick = Ticker(f"{method}: explaining", len(x), log)
-    out, cams = [], []
+    out, cams, deltas = [], [], []
     for s in range(0, len(x), chunk):
         res = ex.explain(x[s:s + chunk], method, targets[s:s + chunk], batch_size=cfg.batch_size)
         out.append(res.heatmaps)
         cams.append(res.cams)
         tick(len(out[-1]))
+        if "ig_delta" in res.notes:  # Integrated Gradients' completeness, relative to F(x) - F(x')
+            deltas.append(np.abs(res.notes["ig_delta"]) / np.maximum(np.abs(res.notes["ig_score_difference"]), 1e-12))
+    if deltas:
+        d = np.concatenate(deltas)
+        log(f"  {method}: completeness |sum of attributions - (F(x) - F(baseline))| / |F(x) - F(baseline)|: "
+            f"median {np.median(d):.2e}, max {d.max():.2e}")
     return np.concatenate(out), np.concatenate(cams)
 
 
@@ -228,9 +238,9 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
     start, timing = time.time(), {k: 0.0 for k in TIMED}
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "eval")
     ex = Explainer(model_path, threads=cfg.threads, batch_size=32, scorecam_topk=cfg.scorecam_topk,
-                   placement=cfg.placement, options=cfg.method_options)
+                   placement=cfg.placement, options=cfg.method_options, feature_layer=cfg.feature_layer)
     model = ex.model
-    methods = list(cfg.methods or default_methods(model.head_kind))
+    methods = list(cfg.methods or default_methods(model.head_kind, model.has_input_grads))
     if not cfg.methods and "cam" not in methods:
         log("  (method 'cam' left out: it needs a global-average-pooling head, this model has "
             f"'{model.head_kind}')")

@@ -26,6 +26,10 @@ class SweepGrid:
     datas: tuple = ()           # empty: the single --data
     base_seed: int | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds!r}")
+
     @property
     def full_names(self) -> bool:
         return self.seeds > 1 or len(self.image_sizes) > 1 or len(self.datas) > 1
@@ -66,8 +70,6 @@ def parse_datas(text: str) -> tuple:
 
 
 def seeds_for(grid: SweepGrid) -> list:
-    if grid.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {grid.seeds}")
     if not grid.full_names:
         return [grid.base_seed]
     base = grid.base_seed or 0

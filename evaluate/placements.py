@@ -2,7 +2,7 @@
 
 This release moves heatmaps from the naive stretch to each cell's receptive-field centre
 (export/geometry.py); `evaluate` scores pointing and energy under both, and under the
-measured effective centres when TensorFlow and model.keras are there (evaluate/effective.py),
+measured effective centres (the ONNX graph differentiated per cell, or TensorFlow; evaluate/effective.py),
 so the change in every localisation figure is visible.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ def effective_localisation(model_path, ex, x, all_cams, rows, per_method, masks,
     if cfg.effective_images <= 0:
         return {"skipped": "turned off (effective_images 0)"}
     try:
-        eff = measure_effective(model_path, ex.model.meta, x[:cfg.effective_images], ex.geometry)
+        eff = measure_effective(model_path, ex.model.meta, x[:cfg.effective_images], ex.geometry,
+                                getattr(ex, "layer", {}).get("features", "features"))
     except EffectiveSkipped as exc:
         log(f"  effective centres: skipped: {exc}")
         return {"skipped": str(exc)}
@@ -51,4 +52,7 @@ def placement_text(results: dict) -> str:
     if place == "geometric" and g:
         return (f"at each cell's receptive-field centre ({g['stride'][0]:g} j + {g['offset'][0]:g} px; "
                 "--placement naive stretches the map)")
+    if isinstance(place, dict):   # the export's measured effective centres, or a map given by the caller
+        return (f"at each cell's {place.get('name', 'given')} centre ({place['stride'][0]:.2f} j + "
+                f"{place['offset'][0]:.1f} px)")
     return "by stretching the map (naive)" if place == "naive" else f"by {place}"

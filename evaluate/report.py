@@ -104,7 +104,8 @@ def _seed_table(entries, size):
         s, rf, r = e["summary"], receptive_field(e["kernel"]), _headline(e)
         rows.append([f"{e['kernel']}x{e['kernel']}", f"{s['epochs_run']}/{s['max_epochs']}", s["best_epoch"],
                      s.get("wall_time", f"{s['wall_time_s']:.0f}s"), f"{s['final_val_accuracy']:.2%}",
-                     f"{s['best_val_accuracy']:.2%}", f"{s['params']:,}", f"{rf} px", f"{rf / size:.2f}",
+                     f"{s['best_val_accuracy']:.2%}", f"{s['params']:,}", f"{rf} px",
+                     f"{rf / e['results'].get('input_size', size):.2f}",
                      _fmt(_shift(e), "{:+.1f}")]
                     + [_fmt(r.get(f"{what}_{p}")) for what in ("energy", "pointing") for p in PLACES])
     return ("table", head, rows, None)

@@ -76,11 +76,19 @@ def randomised_models(onnx_path: str, meta: dict, seed: int = 0):
     with tempfile.TemporaryDirectory(prefix="explicam-sanity-") as tmp:
         for i, stage in enumerate(s for s in STAGES if s in names):
             _reinitialise(model.get_layer(stage), seed + 100 * i)
-            main, head = build_onnx(model, meta.get("feature_layer", "conv4"))
+            extra = [d["name"] for d in (meta.get("feature_layers") or [])[1:]]   # export --layer a,b
+            main, head = build_onnx(model, meta.get("feature_layer", "conv4"), extra=extra)
             set_metadata(main, meta)
             set_metadata(head, {**meta, "role": "head"})
             path = os.path.join(tmp, "model.onnx")
             write_atomic(head.SerializeToString(), os.path.join(tmp, head_file))
+            if meta.get("input_grads_file"):   # export --input-grads: the randomised network's own
+                from explicam.export.input_grads import input_grads_model, metadata
+                from explicam.export.onnx import classifier_only
+
+                side = input_grads_model(classifier_only(main))
+                set_metadata(side, metadata(meta.get("export_id", "")))
+                write_atomic(side.SerializeToString(), os.path.join(tmp, meta["input_grads_file"]))
             write_atomic(main.SerializeToString(), path)
             yield stage, path
 

@@ -10,6 +10,7 @@ names the run folder(s) its number comes from.
 """
 from __future__ import annotations
 
+import html
 import math
 import os
 from itertools import combinations
@@ -260,7 +261,7 @@ def extend_context(entries, context: dict, fig_dir: str) -> dict:
             ("h2", title),
             ("p", f"{len(entries)} runs. Each cell: mean ± sample standard deviation over the runs of one kernel "
                   "(the seed's columns). The per-kernel sections further down show one run per kernel: "
-                  + ", ".join(run_name(e) for e in reps) + "."),
+                  + html.escape(", ".join(run_name(e) for e in reps)) + "."),
             repeats_table(entries)] + differences_blocks(diffs)
         extra["findings"] += repeats_findings(entries, diffs)
         c = ratio_correlations(entries)

@@ -7,6 +7,7 @@
     python cli.py bench                              speed of every method vs the forward pass
     python cli.py evaluate / sweep                   explanation metrics, the kernel-size report
     python cli.py demo                               all of the above on the built-in dataset
+    python cli.py demo --imagenet                    a trained EfficientNet-Lite0 from PyTorch on real photos
 
 Each command parses its options, calls one function and prints; the work lives in the
 packages. TensorFlow is imported only by `train`, `export` and what calls them.
@@ -201,7 +202,10 @@ def is_explicam_run(model_path: str) -> bool:
 @click.option("--model", "model_path", default=None,
               help="Any image classifier: .onnx (PyTorch, TensorFlow, ...), .keras or .h5.")
 @click.option("--layer", default="auto", show_default=True,
-              help="Feature tensor: auto (the last convolutional stage), an ONNX tensor name or a Keras layer name.")
+              help="Feature tensor: auto (the last convolutional stage), an ONNX tensor name or a Keras layer name; "
+                   "several comma-separated (the first is the primary; the others are written as features_1, "
+                   "grads_1, ... for multi-layer Layer-CAM and --feature-layer), or auto:K (auto and the K-1 stages "
+                   "before it).")
 @click.option("--output", default=None, help="The output to explain, when the graph has several.")
 @preprocess_options
 @click.option("--labels", default=None, type=click.Path(),
@@ -210,9 +214,13 @@ def is_explicam_run(model_path: str) -> bool:
               "model; runs/<file stem>/model.onnx for other files].")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ quantization) and compare.")
 @click.option("--samples", default=8, show_default=True, help="Images for the parity check.")
+@click.option("--input-grads", is_flag=True,
+              help="Also write model.inputgrads.onnx: d score / d image through the whole network (and guided "
+                   "backpropagation) for saliency, smoothgrad, integrated-gradients, guided-gradcam, and the "
+                   "measured effective centres of the feature cells (--placement effective).")
 @friendly
 def export(kernel, run_dir, model_path, layer, output, scale, mean, std, channels, layout, input_size,
-           resize_shorter, labels, out, int8, samples):
+           resize_shorter, labels, out, int8, samples, input_grads):
     """Export a model to ONNX with features and their exact gradients, checked before writing.
 
     \b
@@ -231,22 +239,28 @@ def export(kernel, run_dir, model_path, layer, output, scale, mean, std, channel
         cfg = ExportConfig(model=model_path, layer=layer, output=output,
                            pre=make_preprocess(scale, mean, std, channels), input_hw=parse_hw(input_size),
                            layout=layout, resize_shorter=resize_shorter, labels=labels, out=out,
-                           samples=min(samples, 4))
+                           samples=min(samples, 4), input_grads=input_grads)
         export_any(cfg, log=click.echo)
         return
     quiet_tensorflow()
-    from explicam.export.run import export_model
+    from explicam.export.run import export_model, seed_layers
 
-    export_model(kernel, run_dir, model_path, "conv4" if layer == "auto" else layer, out, int8, samples,
-                 log=click.echo)
+    layers = seed_layers(layer)
+    export_model(kernel, run_dir, model_path, layers[0], out, int8, samples, log=click.echo,
+                 extra_layers=layers[1:], input_grads=input_grads)
 
 
 # ---------------------------------------------------------------------------- explain
 placement_option = click.option(
-    "--placement", type=click.Choice(["geometric", "naive"]), default=None,
+    "--placement", type=click.Choice(["geometric", "naive", "effective"]), default=None,
     help="Where heatmap cells are drawn: geometric (each at its receptive field's centre, computed from the "
-         "graph at export) or naive (the map stretched over the image, as before) [default: geometric when the "
+         "graph at export), naive (the map stretched over the image, as before) or effective (each at the "
+         "measured centre of its input gradient; exports made with --input-grads) [default: geometric when the "
          "model file has geometry, else naive].")
+feature_layer_option = click.option(
+    "--feature-layer", default=None, metavar="NAME",
+    help="Which feature layer of the file single-layer methods use (export --layer a,b,c wrote several): its "
+         "name, tensor, output (features_1) or index [default: the first; layercam then fuses them all].")
 
 
 def method_options(fn):
@@ -263,6 +277,16 @@ def method_options(fn):
         click.option("--reciprocam-mask", type=click.Choice(["onehot", "gaussian"]), default=None,
                      help="Recipro-CAM's spatial mask: the position alone, or its 3x3 Gaussian neighbourhood "
                           "[default: onehot]."),
+        click.option("--smoothgrad-samples", type=int, default=None, help="SmoothGrad: noisy copies [default: 50]."),
+        click.option("--smoothgrad-noise", type=float, default=None,
+                     help="SmoothGrad: noise sigma as a fraction of the image's value range [default: 0.15]."),
+        click.option("--ig-steps", type=int, default=None, help="Integrated Gradients: path points [default: 50]."),
+        click.option("--ig-baseline", type=click.Choice(["black", "white", "blur", "noise"]), default=None,
+                     help="Integrated Gradients: the baseline image [default: black]."),
+        click.option("--ig-method", type=click.Choice(["trapezoid", "midpoint", "left", "right"]), default=None,
+                     help="Integrated Gradients: the Riemann sum [default: trapezoid]."),
+        click.option("--layercam-fuse", type=click.Choice(["max", "sum"]), default=None,
+                     help="Multi-layer Layer-CAM: how the layers' maps are fused [default: max, the paper's]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -270,7 +294,8 @@ def method_options(fn):
 
 
 METHOD_OPTIONS = ("rise_masks", "rise_cells", "rise_p", "rise_seed", "finercam_k", "finercam_alpha",
-                  "reciprocam_mask")
+                  "reciprocam_mask", "smoothgrad_samples", "smoothgrad_noise", "ig_steps", "ig_baseline", "ig_method",
+                  "layercam_fuse")
 
 
 def pop_method_options(kw: dict) -> dict:
@@ -296,7 +321,8 @@ def plain_preprocess(kw: dict) -> dict | None:
 @click.option("--model", "model_path", default=None, help="ONNX model [default: newest runs/*/model.onnx].")
 @click.option("--method", default="gradcam", show_default=True,
               help="gradcam, gradcam++, xgradcam, hirescam, layercam, finercam, scorecam, ablationcam, eigencam, "
-                   "reciprocam, rise, cam; several comma-separated or 'all' for a grid (images only).")
+                   "reciprocam, rise, cam; saliency, smoothgrad, integrated-gradients, guided-gradcam (exports made "
+                   "with --input-grads); several comma-separated or 'all' for a grid (images only).")
 @click.option("--target", default=None, help="Class (name or index) to explain [default: the top-1 class].")
 @click.option("--out", default="out", show_default=True, help="Output folder for images (and default video).")
 @click.option("--top-k", default=3, show_default=True, help="Classes written on overlays and in predictions.csv.")
@@ -333,6 +359,7 @@ def plain_preprocess(kw: dict) -> dict | None:
 @click.option("--threads", type=int, default=None,
               help="onnxruntime intra-op threads [default: all cores; video: half each, two frames in flight].")
 @placement_option
+@feature_layer_option
 @method_options
 @click.option("--seed", "rise_seed", type=int, default=None, help="RISE: seed of the mask set [default: 0].")
 @preprocess_options
@@ -368,9 +395,9 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
     if source is not None:
         from explicam.runtime.video import StreamConfig, explain_stream
 
-        if placement:
-            raise click.UsageError("--placement applies to images for now; video and cameras use the model's "
-                                   "default (geometric when the file has geometry)")
+        if placement or more.get("feature_layer"):
+            raise click.UsageError("--placement and --feature-layer apply to images for now; video and cameras use "
+                                   "the model's default (geometric when the file has geometry, the first layer)")
         if pop_method_options(more) or plain_preprocess(more):
             raise click.UsageError("method options (--rise-*, --finercam-*, --reciprocam-mask, --seed) and "
                                    "preprocessing options apply to images for now")
@@ -398,6 +425,7 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
     cfg = FilesConfig(model=model_path, out=out, method=method, target=target, top_k=top_k, alpha=alpha,
                       colormap=colormap, side_by_side=side_by_side, heatmap=heatmap, labels=labels,
                       batch_size=batch_size, threads=threads, placement=placement,
+                      feature_layer=more.pop("feature_layer", None),
                       options=pop_method_options(more), preprocess=plain_preprocess(more))
     if ray_address is not None:  # bulk, on Ray Data: cluster/explain.py
         from explicam.cluster.explain import RayConfig, explain_on_ray, summary_line
@@ -461,7 +489,7 @@ def parse_counts(text: str) -> tuple:
 @click.option("--video", is_flag=True, help="Measure the whole video loop (frames/s) against the forward rate.")
 @click.option("--frames", default=3000, show_default=True, help="Frames for --video, over all rounds.")
 @click.option("--rounds", default=3, show_default=True,
-              help="--video: loop and forward pass take turns this many times; the median ratio is reported.")
+              help="--video / --ray: the paths take turns this many times; the median is reported.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Images/s of bulk explanation through Ray Data vs the one-machine explain, on --images "
                    "(all of them; the first method of --methods, default gradcam).")
@@ -480,7 +508,7 @@ def bench(model_path, methods, batches, threads, seconds, images_dir, out, origi
         if not images_dir:
             raise click.UsageError("--ray needs --images DIR (e.g. 2,000 images from cli.py dataset synth)")
         result = bench_ray(model_path, list_images(images_dir), ray_address, parse_counts(ray_actors),
-                           (methods or "gradcam").split(",")[0], log=click.echo)
+                           (methods or "gradcam").split(",")[0], rounds=rounds, log=click.echo)
         for line in summary_lines(result):
             click.echo(line)
         return
@@ -551,8 +579,9 @@ def eval_options(fn):
                      help="Bounding boxes CSV: image,x_min,y_min,x_max,y_max (pixels of the image file)."),
         placement_option,
         click.option("--effective-images", default=8, show_default=True,
-                     help="Images for each cell's effective centre, mean |d cell / d image| (needs TensorFlow and "
-                          "model.keras); localisation is also scored under it; 0 skips it."),
+                     help="Images for each cell's effective centre, mean |d cell / d image| (explicam's ONNX "
+                          "differentiation; TensorFlow and model.keras without onnx); localisation is also scored "
+                          "under it; 0 skips it."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -579,6 +608,7 @@ def make_eval_config(methods, eval_batch, sanity_images, seed=None, threads=None
 @click.option("--model", "model_path", required=True, type=click.Path(), help="An explicam model.onnx.")
 @click.option("--data", required=True, type=click.Path(), help="The dataset the model was trained on.")
 @eval_options
+@feature_layer_option
 @method_options
 @click.option("--out", default=None, help="Output folder [default: eval/ beside the model].")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
@@ -643,8 +673,10 @@ def sweep(kernels, data, seeds, image_sizes, runs_dir, out, methods, limit, step
                                insertion_baseline=insertion_baseline, scorecam_topk=scorecam_topk, target=target,
                                tolerance=tolerance, masks=masks, boxes=boxes, placement=placement,
                                effective_images=effective_images, method_options=pop_method_options(train_kw))
-        path = run_sweep(data, chosen, lambda k, **over: make_train_config(k, **{**train_kw, "data": datas[0], **over}),
-                         cfg, runs_dir=runs_dir, out=out, log=click.echo, grid=grid, scheduler=scheduler)
+        def make_config(k, **over):  # over: a grid point's image_size, seed and data
+            return make_train_config(k, **{**train_kw, "data": datas[0], **over})
+        path = run_sweep(data, chosen, make_config, cfg, runs_dir=runs_dir, out=out, log=click.echo, grid=grid,
+                         scheduler=scheduler)
     click.echo(f"report: {path}")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from explicam.export.more import input_grads_path_for, more_metadata, side_file
 from explicam.export.onnx import (ExportError, classifier_only, forward_path_for, head_model, head_path_for,
                                   set_metadata, write_atomic)
 from explicam.export.prologue import Preprocess, add_prologue, read_labels
@@ -33,7 +34,8 @@ LAYOUT_ONLY = ("Transpose", "Identity", "Flatten", "Reshape", "Squeeze", "Unsque
 class ExportConfig:
     """What `cli.py export --model FILE` exports and how (its options)."""
     model: str
-    layer: str = "auto"                 # the feature tensor: auto, an ONNX tensor name or a Keras layer name
+    layer: str = "auto"                 # the feature tensor: auto, an ONNX tensor name or a Keras layer name;
+                                        # several comma-separated, or auto:K (export/layers.py)
     output: str | None = None           # the explained output, when the graph has several
     pre: Preprocess = field(default_factory=Preprocess)
     input_hw: tuple | None = None       # (H, W) when the file's spatial size is dynamic
@@ -42,6 +44,7 @@ class ExportConfig:
     labels: str | None = None           # class names file
     out: str | None = None              # default runs/<file stem>/model.onnx
     samples: int = 4                    # random inputs for the self-check
+    input_grads: bool = False           # also model.inputgrads.onnx: d score / d image (export/input_grads.py)
 
 
 def default_out(model_path: str) -> str:
@@ -81,22 +84,25 @@ def _prologue_error(before, after, pre: Preprocess, hw) -> float:
 
 
 def _load(cfg: ExportConfig, log):
-    """(prepared Graph, ONNX source proto, the feature tensor) for any supported file."""
-    from explicam.export.graph import GraphError, pick_features, prepare
+    """(prepared Graph, ONNX source proto, [(name, feature tensor)]: the primary first) for
+    any supported file."""
+    from explicam.export.graph import GraphError, prepare
+    from explicam.export.layers import named_layers, parse_layers, resolve_layers
     from explicam.export.sources import SourceError, load_keras, open_keras_as_onnx
 
     ext = os.path.splitext(cfg.model)[1].lower()
     try:
+        items = parse_layers(cfg.layer)
         if ext in (".keras", ".h5", ".hdf5"):
             keras_model = load_keras(cfg.model)
-            layer = None if cfg.layer == "auto" else cfg.layer
-            source, named = open_keras_as_onnx(keras_model, cfg.input_hw, layer)
+            names = named_layers(items)
+            source, tensors = open_keras_as_onnx(keras_model, cfg.input_hw, names or None)
             g = prepare(source, output="explicam_scores")
-            return g, source, named or pick_features(g, "auto")
+            return g, source, resolve_layers(g, items, dict(zip(names, tensors or [])))
         if ext != ".onnx":
             raise ExportError(f"{cfg.model}: unsupported model file (expected .onnx, .keras or .h5)")
         g = prepare(cfg.model, input_size=cfg.input_hw, layout=cfg.layout, output=cfg.output)
-        return g, cfg.model, pick_features(g, cfg.layer)  # the self-check compares with the user's own file
+        return g, cfg.model, resolve_layers(g, items)  # the self-check compares with the user's own file
     except (GraphError, SourceError) as exc:
         msg = str(exc)
         raise ExportError(msg if cfg.model in msg else f"{cfg.model}: {msg}") from None
@@ -111,7 +117,8 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # a default `target` input is on purpose: no warning per session
-    g, source, features = _load(cfg, log)
+    g, source, layers = _load(cfg, log)   # [(name, tensor)], the primary first
+    features = layers[0][1]
     shape = g.shapes[features]
     lay = g.layouts.get(features, "NCHW")
     hw = tuple(int(d) for d in (g.shapes[g.input][2:4] if g.layout == "NCHW" else g.shapes[g.input][1:3]))
@@ -124,7 +131,7 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     try:
-        main = gradient_model(g, features)
+        main = gradient_model(g, features, [t for _, t in layers[1:]])
     except GraphError as exc:  # an op without a gradient rule on the path, ...
         raise ExportError(f"{cfg.model}: {exc}") from None
     report, bad = self_check(source, main, samples=cfg.samples)
@@ -145,7 +152,8 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     meta = {
         "explicam_version": __version__,
         "source_file": os.path.basename(cfg.model),
-        "source_path": os.path.abspath(cfg.model),  # `bench` times this file beside the export
+        # where the source is, relative to the model's folder (no user's home in a shared file): `bench` times it
+        "source_path": os.path.relpath(os.path.abspath(cfg.model), os.path.dirname(os.path.abspath(out))),
         "class_names": names,
         "input_name": "image",
         "input_size": hw[0] if hw[0] == hw[1] else list(hw),
@@ -170,7 +178,10 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
         "self_check": report,
     }
     meta["geometry"] = geometry_for_metadata(main, log=log)
+    meta.update(more_metadata(main, [name for name, _ in layers], cfg.input_grads,
+                              np.random.default_rng(2).random((4, *hw, 3), dtype=np.float32), "random images", out, log))
     set_metadata(main, meta)
+    side = side_file(main, meta, log) if cfg.input_grads else None
     forward = classifier_only(main)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     written = []
@@ -180,6 +191,9 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
         written.append(head_path_for(out))
     write_atomic(forward.SerializeToString(), forward_path_for(out))
     written.append(forward_path_for(out))
+    if side is not None:
+        write_atomic(side.SerializeToString(), input_grads_path_for(out))
+        written.append(input_grads_path_for(out))
     write_atomic(main.SerializeToString(), out)  # last: a model.onnx never names files that are not there yet
     log(f"wrote {out}, " + ", ".join(written))
     return {"onnx": out, "head": head_path_for(out) if head is not None else None, "forward": forward_path_for(out),

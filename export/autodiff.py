@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import autodiff_nn  # noqa: F401  (registers the network ops' rules)
+from . import autodiff_more, autodiff_nn  # noqa: F401  (register the network ops' rules)
 from .autodiff_rules import VJP
 from .graph import (FLOAT_TYPES, Graph, GraphError, ancestors, constant_values, float_dependents, pick_features,
                     prepare)
@@ -48,6 +48,19 @@ class Builder:
         self.taken = {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer} | \
             {i.name for i in model.graph.input} | {n.name for n in model.graph.node}
         self.count, self.cache = 0, {}
+        self.rules, self.passthrough, self.wrts, self._consumers = None, set(), set(), None
+
+    def consumers(self, name) -> list:
+        """The nodes of the original graph (not the ones made here) that read tensor `name`."""
+        if self._consumers is None:
+            self._consumers = {}
+            for n in self.graph.node:
+                for i in n.input if not n.name.startswith(self.prefix) else ():
+                    self._consumers.setdefault(i, []).append(n)
+        return self._consumers.get(name, [])
+
+    def producer(self, name):
+        return next((n for n in self.graph.node if name in n.output), None)
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -123,34 +136,47 @@ class Builder:
         return parts[0] if len(parts) == 1 else self.op("Sum", *parts)
 
 
-def backward(b: Builder, nodes, wrt: str, score: str, seed: str) -> str:
+def backward(b: Builder, nodes, wrt, score: str, seed: str, rules: dict | None = None):
     """Append to b's graph the nodes of d sum(seed * score) / d wrt over `nodes` (the forward
-    graph, in topological order); return the gradient tensor's name."""
-    dep = float_dependents(nodes, [wrt], b.dtypes)
+    graph, in topological order); return the gradient tensor's name. `wrt` may be a list of
+    tensors (several feature layers, or a layer and the image): one walk, a list of names back.
+    `rules` (op type -> rule) replace the registry's for this walk: guided backpropagation's
+    Relu (autodiff_more.guided_rules)."""
+    rules = {**VJP, **(rules or {})}
+    # a rule may apply its producer's rule itself (MaxPool after a Relu applies the Relu's at the
+    # pooled size, autodiff_nn._tiled_max_pool) and list that producer's output in passthrough
+    wrts = [wrt] if isinstance(wrt, str) else list(wrt)
+    b.rules, b.passthrough, b.wrts = rules, set(), set(wrts)
+    dep = float_dependents(nodes, wrts, b.dtypes)
     if score not in dep:
-        raise GraphError(f"the score '{score}' does not depend on '{wrt}'")
+        raise GraphError(f"the score '{score}' does not depend on '{wrts[0]}'")
     needed, path = {score}, []
     for node in reversed(nodes):
         if any(o in needed for o in node.output) and any(i in dep for i in node.input):
             path.append(node)
             needed.update(i for i in node.input if i in dep)
-    missing = [n for n in path if n.op_type not in VJP]
+    missing = [n for n in path if n.op_type not in rules]
     if missing:
         n = missing[-1]   # the first in graph order
-        raise GraphError(f"node '{n.name}' ({n.op_type}) between '{wrt}' and the score has no gradient rule; "
+        raise GraphError(f"node '{n.name}' ({n.op_type}) between '{wrts[0]}' and the score has no gradient rule; "
                          f"supported: {', '.join(supported_ops())}")
-    grads = {score: [seed]}
+    grads, found = {score: [seed]}, {}
     for node in path:
         gy = [b.total(grads.pop(o, None)) for o in node.output]
+        found.update((o, g) for o, g in zip(node.output, gy) if o in wrts and g is not None)  # complete: read later
         if all(g is None for g in gy):
             continue
         need = [bool(i) and i in dep and i in needed for i in node.input]
-        for i, g, n in zip(node.input, VJP[node.op_type](b, node, gy, need), need):
+        done = node.output[0] in b.passthrough
+        for i, g, n in zip(node.input, [gy[0]] if done else rules[node.op_type](b, node, gy, need), need):
             if n and g is not None:
                 grads.setdefault(i, []).append(g)
-    if wrt not in grads:
-        raise GraphError(f"the score does not depend on '{wrt}' through differentiable ops")
-    return b.total(grads[wrt])
+    for w in wrts:
+        if w not in found and w in grads:
+            found[w] = b.total(grads[w])
+        if w not in found:
+            raise GraphError(f"the score does not depend on '{w}' through differentiable ops")
+    return found[wrt] if isinstance(wrt, str) else [found[w] for w in wrts]
 
 
 def measure_shapes(model, names, feeds, dtypes=None) -> dict:
@@ -174,11 +200,11 @@ def measure_shapes(model, names, feeds, dtypes=None) -> dict:
     return {n: tuple(v.shape) for n, v in zip(names, session.run(list(names), feeds))}
 
 
-def _free_reserved_names(model) -> dict:
+def _free_reserved_names(model, extra=()) -> dict:
     """Rename tensors that use one of the names the new outputs take ('logits' -> 'logits_original')."""
     used = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input} | \
         {t.name for t in model.graph.initializer}
-    renames = {name: f"{name}_original" for name in RESERVED if name in used}
+    renames = {name: f"{name}_original" for name in (*RESERVED, *extra) if name in used}
     if not renames:
         return {}
     for node in model.graph.node:
@@ -189,18 +215,40 @@ def _free_reserved_names(model) -> dict:
     return renames
 
 
-def gradient_model(g: Graph, features: str) -> onnx.ModelProto:
-    """The prepared model plus target, logits, probabilities, features, grads, target_used."""
+def layer_outputs(k: int) -> tuple[str, str]:
+    """The output names of feature layer k: 0 is the primary (features, grads), then features_1, grads_1 ..."""
+    return ("features", "grads") if k == 0 else (f"features_{k}", f"grads_{k}")
+
+
+def add_target(b: Builder, model, score: str, classes: int) -> str:
+    """The `target` input (default [-1]: top-1), the `target_used` tensor and the seed of the
+    backward walk, the one-hot (N, classes) of target_used: its name."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "target"))
+    model.graph.input.append(helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [None]))
+    top1 = b.op("ArgMax", score, axis=1, keepdims=0)
+    used = b.node("Where", [b.op("Less", "target", b.const([0])), top1, "target"], ["target_used"])
+    # Equal against 0..C-1 rather than OneHot: the same mask, cheaper in onnxruntime
+    hit = b.op("Equal", b.op("Unsqueeze", used, b.const([1])), b.const(np.arange(classes).reshape(1, -1)))
+    return b.op("Cast", hit, to=onnx.TensorProto.FLOAT)
+
+
+def gradient_model(g: Graph, features: str, extra=()) -> onnx.ModelProto:
+    """The prepared model plus target, logits, probabilities, features, grads, target_used;
+    with `extra` tensors (earlier feature layers, export --layer a,b,c) also features_1,
+    grads_1, ... for each, from the same backward walk."""
     model = copy.deepcopy(g.model)
-    renames = _free_reserved_names(model)
+    renames = _free_reserved_names(model, [n for k in range(1, len(extra) + 1) for n in layer_outputs(k)])
     rn = lambda name: renames.get(name, name)  # noqa: E731
     shapes = {rn(k): v for k, v in g.shapes.items()}
     dtypes = {rn(k): v for k, v in g.dtypes.items()}
     feat, score, output = rn(features), rn(g.score), rn(g.output)
-    if dtypes.get(feat) != onnx.TensorProto.FLOAT or dtypes.get(score) != onnx.TensorProto.FLOAT:
+    layers = [feat] + [rn(e) for e in extra]
+    if len(set(layers)) != len(layers):
+        raise GraphError(f"a feature layer is named twice: {', '.join(layers)}")
+    if any(dtypes.get(t) != onnx.TensorProto.FLOAT for t in layers) or dtypes.get(score) != onnx.TensorProto.FLOAT:
         raise GraphError("only float32 models are supported")
     forward = list(model.graph.node)
-    on_path = (float_dependents(forward, [feat], dtypes) & ancestors(model, score)) | {feat}
+    on_path = (float_dependents(forward, layers, dtypes) & ancestors(model, score)) | set(layers)
     image = next(i for i in model.graph.input if i.name == rn(g.input))
     dims = [d.dim_value or 1 for d in image.type.tensor_type.shape.dim]
     feeds = {image.name: np.random.default_rng(0).random(dims, dtype=np.float32)}
@@ -212,13 +260,7 @@ def gradient_model(g: Graph, features: str) -> onnx.ModelProto:
         forward.append(model.graph.node[-1])
         shapes[flat], dtypes[flat], score = (1, classes), onnx.TensorProto.FLOAT, flat
 
-    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "target"))
-    model.graph.input.append(helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [None]))
-    top1 = b.op("ArgMax", score, axis=1, keepdims=0)
-    used = b.node("Where", [b.op("Less", "target", b.const([0])), top1, "target"], ["target_used"])
-    # Equal against 0..C-1 rather than OneHot: the same mask, cheaper in onnxruntime
-    hit = b.op("Equal", b.op("Unsqueeze", used, b.const([1])), b.const(np.arange(classes).reshape(1, -1)))
-    grad = backward(b, forward, feat, score, b.op("Cast", hit, to=onnx.TensorProto.FLOAT))
+    layer_grads = backward(b, forward, layers, score, add_target(b, model, score, classes))
 
     nchw = g.layouts.get(features) == "NCHW"
     b.node("Identity", [score], ["logits"])
@@ -228,18 +270,27 @@ def gradient_model(g: Graph, features: str) -> onnx.ModelProto:
         b.node("Identity", [output], ["probabilities"])
     else:
         b.node("Softmax", [score], ["probabilities"], axis=1)
-    for src, name in ((feat, "features"), (grad, "grads")):
-        b.node("Transpose", [src], [name], perm=[0, 2, 3, 1]) if nchw else b.node("Identity", [src], [name])
-    fs = shapes[feat]
-    nhwc = [fs[1], fs[2], fs[3]] if not nchw else [fs[2], fs[3], fs[1]]
+    described = []
+    for k, (t, grad, original) in enumerate(zip(layers, layer_grads, [features, *extra])):
+        t_nchw = g.layouts.get(original) == "NCHW"
+        fs = shapes[t]
+        t_nhwc = [fs[2], fs[3], fs[1]] if t_nchw else [fs[1], fs[2], fs[3]]
+        for src, name in zip((t, grad), layer_outputs(k)):
+            b.node("Transpose", [src], [name], perm=[0, 2, 3, 1]) if t_nchw else b.node("Identity", [src], [name])
+        described.append({"layer": t, "features": layer_outputs(k)[0], "grads": layer_outputs(k)[1],
+                          "layout": "NCHW" if t_nchw else "NHWC", "feature_shape": t_nhwc})
+    nhwc = described[0]["feature_shape"]
     for name, dims, kind in (("logits", [classes], onnx.TensorProto.FLOAT),
                              ("probabilities", [classes], onnx.TensorProto.FLOAT),
-                             ("features", nhwc, onnx.TensorProto.FLOAT), ("grads", nhwc, onnx.TensorProto.FLOAT),
-                             ("target_used", [], onnx.TensorProto.INT64)):
+                             *[(d[o], d["feature_shape"], onnx.TensorProto.FLOAT) for d in described[:1]
+                               for o in ("features", "grads")],
+                             ("target_used", [], onnx.TensorProto.INT64),
+                             *[(d[o], d["feature_shape"], onnx.TensorProto.FLOAT) for d in described[1:]
+                               for o in ("features", "grads")]):
         model.graph.output.append(helper.make_tensor_value_info(name, kind, ["N", *dims]))
     info = {"input": g.input, "input_layout": g.layout, "features": feat, "features_layout": "NCHW" if nchw else "NHWC",
             "feature_shape": nhwc, "score": score, "output": output, "original_output": g.output, "activation": g.activation,
-            "classes": classes, "renamed": renames}
+            "classes": classes, "renamed": renames, "layers": described}
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(info)
     return model

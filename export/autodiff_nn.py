@@ -83,6 +83,9 @@ def max_pool(b, node, gy, need):
     if attr(node, "storage_order", 0):
         _refuse(node, "storage_order=1")
     x = node.input[0]
+    tiled = _tiled_max_pool(b, node, gy[0])
+    if tiled is not None:
+        return [tiled]
     if len(node.output) < 2 or not node.output[1]:
         del node.output[1:]
         node.output.append(b.fresh("maxpool_indices"))
@@ -97,6 +100,52 @@ def max_pool(b, node, gy, need):
     flat = [b.op("Reshape", t, b.const([-1])) for t in (node.output[1], gy[0])]
     extra = {"reduction": "add"} if overlapping else {}   # a 3x3/2 window shares elements
     return [b.like(b.op("ScatterElements", zeros, *flat, axis=0, **extra), x)]
+
+
+def _tiled_max_pool(b, node, g):
+    """The same gradient where square 2-D windows tile the input (strides = kernel, no padding
+    or dilation: the usual 2x2/2), without the Indices output: for each offset (dy, dx) of the
+    window, in row-major order, the strided slice of the input at that offset, the windows
+    whose maximum it is and no earlier offset's, and g there; DepthToSpace puts the k*k
+    slices back together. onnxruntime's MaxPool with Indices is a generic loop ~20x slower
+    than the pooling, and its ScatterElements slow too: this is ~1.8x faster for the two.
+    None where the windows do not tile (the Indices rule then)."""
+    x, y = node.input[0], node.output[0]
+    xs, ys = b.shape(x), b.shape(y)
+    kernel = list(attr(node, "kernel_shape"))
+    strides, dil = list(attr(node, "strides", [1] * len(kernel))), list(attr(node, "dilations", [1] * len(kernel)))
+    if len(kernel) != 2 or kernel[0] != kernel[1] or strides != kernel or dil != [1, 1] or \
+            (len(node.output) > 1 and node.output[1]) or any(_begin_pads(node, xs[2:], ys[2:], kernel, strides, dil)) \
+            or any(o * k > i for i, o, k in zip(xs[2:], ys[2:], kernel)):
+        return None
+    k, (c, hi, wi), (h, w) = kernel[0], xs[1:], ys[2:]
+    relu = b.producer(x)
+    if relu is not None and relu.op_type == "Relu" and b.rules is not None and len(b.consumers(x)) == 1 \
+            and x not in b.wrts:
+        # relu(max) = max(relu): the Relu's rule (plain or guided) at the pooled size, where its
+        # mask at each window's maximum is y > 0; the Relu then passes the gradient through (not
+        # where the walk wants d score / d x itself: the feature map after a ReLU)
+        g = b.rules["Relu"](b, onnx.helper.make_node("Relu", [x], [y]), [g], [True])[0]
+        b.passthrough.add(x)
+    end, taken, parts = b.const([h * k, w * k]), None, []
+    for dy in range(k):
+        for dx in range(k):
+            q = b.op("Slice", x, b.const([dy, dx]), end, b.const([2, 3]), b.const([k, k]))
+            hit = b.op("Equal", q, y)
+            if taken is not None:   # the first maximum of its window only
+                hit, taken = b.op("And", hit, b.op("Not", taken)), b.op("Or", taken, hit)
+            else:
+                taken = hit
+            parts.append(b.op("Unsqueeze", _mul_mask(b, hit, g), b.const([2])))
+    stacked = b.op("Reshape", b.op("Concat", *parts, axis=2), b.const([0, c * k * k, h, w]))
+    back = b.op("DepthToSpace", stacked, blocksize=k, mode="CRD")
+    if (h * k, w * k) != (hi, wi):   # floor mode left the last rows / columns out: no gradient there
+        back = b.op("Pad", back, b.const([0, 0, 0, 0, 0, 0, hi - h * k, wi - w * k]))
+    return back
+
+
+def _mul_mask(b, mask, g):
+    return b.op("Mul", g, b.op("Cast", mask, to=onnx.TensorProto.FLOAT))
 
 
 def _pool_weights(b, node, xs, ys, kernel, strides, dil, begin):

@@ -21,16 +21,18 @@ TORCH_ROW = "pytorch-grad-cam GradCAM (torch)"
 
 
 def original_path(model_path: str, meta: dict, given: str | None = None) -> str | None:
-    """--original FILE, else the source the export recorded (its absolute path, then the
-    same name beside the model), when that is an ONNX file that exists."""
+    """--original FILE, else the source the export recorded (its path relative to the
+    model's folder, then the same name beside the model), when that is an ONNX file that
+    exists."""
     if given:
         if not os.path.isfile(given):
             raise ValueError(f"--original: no such file {given}")
         return given
-    beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), meta.get("source_file") or "")
-    for path in (meta.get("source_path"), beside):
+    folder = os.path.dirname(os.path.abspath(model_path))
+    recorded = os.path.join(folder, meta["source_path"]) if meta.get("source_path") else None
+    for path in (recorded, os.path.join(folder, meta.get("source_file") or "")):
         if path and path.lower().endswith(".onnx") and os.path.isfile(path):
-            return path
+            return os.path.normpath(path)
     return None
 
 

@@ -53,20 +53,21 @@ def load_keras_model(path: str):
         raise ExportError(f"cannot load Keras model {path}: {first}") from None
 
 
-def build_onnx(model, layer_name: str = "conv4", opset: int = OPSET):
+def build_onnx(model, layer_name: str = "conv4", opset: int = OPSET, extra=()):
     """Return (main ModelProto, head ModelProto) for a Keras classifier.
 
     One gradient mechanism for every model: tf2onnx writes the forward graph alone (with
     the feature layer's output exposed), and explicam's ONNX differentiation
     (export/autodiff.py) adds `grads`, `target`, `features`, exactly as for a file from
-    PyTorch. The seed's head is one more graph."""
+    PyTorch. The seed's head is one more graph. `extra`: earlier Keras layers whose features
+    and gradients the file also outputs (features_1, grads_1, ...: export --layer a,b,c)."""
     from explicam.export.autodiff import gradient_model
     from explicam.export.graph import prepare
     from explicam.export.sources import open_keras_as_onnx
 
-    proto, feature_tensor = open_keras_as_onnx(model, layer=layer_name, opset=opset)
+    proto, tensors = open_keras_as_onnx(model, layer=[layer_name, *extra], opset=opset)
     g = prepare(proto, output="explicam_scores")
-    main = gradient_model(g, feature_tensor)
+    main = gradient_model(g, tensors[0], tensors[1:])
     keep = [o for o in main.graph.output if o.name != "explicam_scores"]  # it is `logits`
     del main.graph.output[:]
     main.graph.output.extend(keep)

@@ -9,6 +9,7 @@ import numpy as np
 
 from explicam.export.blocks import build_blocks
 from explicam.export.geometry import geometry_for_metadata
+from explicam.export.more import input_grads_path_for, more_metadata, side_file
 from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
                          head_path_for, load_keras_model, make_metadata, set_metadata, write_atomic)
 
@@ -51,7 +52,7 @@ def sample_images(summary: dict, size: int, count: int = 8, split: str = "val"):
 
 
 def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str, forward_bytes: bytes = b"",
-                 blocks_bytes: bytes = b"", blocks: dict | None = None) -> dict:
+                 blocks_bytes: bytes = b"", blocks: dict | None = None, extra=(), input_grads_bytes: bytes = b"") -> dict:
     import onnxruntime as ort
 
     from explicam.export.parity import compare, keras_features_logits_grads
@@ -70,6 +71,44 @@ def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str
         report["forward_probabilities"] = float(np.abs(forward.run(["probabilities"], {"image": x})[0] - probs).max())
     if blocks_bytes:  # masked images run block by block, only where the mask reaches
         report["blocks_features"] = _blocks_parity(session, head, blocks_bytes, blocks, images)
+    report.update(_more_parity(model, session, images, extra, input_grads_bytes))
+    return report
+
+
+def _more_parity(model, session, images, extra, input_grads_bytes) -> dict:
+    """Earlier feature layers' gradients (export --layer conv4,conv3) and the input gradients
+    (--input-grads) against tf.GradientTape, relative to their largest value, a few classes.
+    On random images: these gradients cross max pools, and the built-in dataset's flat regions
+    give windows of values equal up to rounding, where TensorFlow (oneDNN) and onnxruntime
+    can round one way and the other and send the gradient to different (equally valid)
+    elements; random pixels leave no such ties."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from explicam.export.parity import keras_features_logits_grads
+
+    x = np.random.default_rng(5).random(np.shape(images), dtype=np.float32)
+    classes = sorted({0, int(model.output_shape[-1]) - 1})
+    report = {}
+    for k, name in enumerate(extra, 1):
+        worst = 0.0
+        for c in classes:
+            got = session.run([f"grads_{k}"], {"image": x, "target": np.full(len(x), c, np.int64)})[0]
+            want = keras_features_logits_grads(model, name, x, c)[2]
+            worst = max(worst, float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12))
+        report[f"grads_rel_{name}"] = worst
+    if input_grads_bytes:
+        side = ort.InferenceSession(input_grads_bytes, providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for c in classes:
+            got = side.run(["input_grads"], {"image": x, "target": np.full(len(x), c, np.int64)})[0]
+            t = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                score = tf.reduce_sum(model(t, training=False)[:, c])
+            want = tape.gradient(score, t).numpy()
+            worst = max(worst, float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12))
+        report["input_grads_rel"] = worst
     return report
 
 
@@ -97,9 +136,24 @@ def _blocks_parity(session, head, blocks_bytes: bytes, blocks: dict, images) -> 
     return worst
 
 
+def seed_layers(spec: str) -> list[str]:
+    """--layer for an explicam run: Keras layer names; auto is conv4, auto:K conv4 and the K - 1
+    convolutions before it (each the end of one resolution stage of the seed network)."""
+    from explicam.export.layers import parse_layers
+    from explicam.train.model import FEATURE_LAYER, FILTERS
+
+    out = []
+    for item in parse_layers(spec):
+        if item.startswith("auto:"):
+            out += [f"conv{i}" for i in range(len(FILTERS) - 1, -1, -1)][:int(item[5:])]
+        else:
+            out.append(FEATURE_LAYER if item == "auto" else item)
+    return out
+
+
 def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | None = None,
                  layer: str = "conv4", out: str | None = None, int8: bool = False, samples: int = 8,
-                 log=print) -> dict:
+                 log=print, extra_layers=(), input_grads: bool = False) -> dict:
     from explicam.export.parity import failures
 
     model_path = resolve_model_path(kernel, run_dir, model_path)
@@ -111,12 +165,19 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
             summary = json.load(f)
     model = load_keras_model(model_path)
     log(f"converting {model_path} (feature layer {layer}) ...")
-    main, head = build_onnx(model, layer)
+    main, head = build_onnx(model, layer, extra=extra_layers)
     blocks, geometry = build_blocks(model, layer)
     meta = make_metadata(model, layer, summary, os.path.basename(head_path_for(out)),
                          os.path.basename(forward_path_for(out)), os.path.basename(blocks_path_for(out)), geometry)
     meta["export_id"] = uuid.uuid4().hex  # ties the files together (runtime/model.py checks it)
     meta["geometry"] = geometry_for_metadata(main, log=log)  # where each feature cell looks (export/geometry.py)
+    size = int(model.input_shape[1])
+    images = sample_images(summary, size, samples)
+    source = "validation images"
+    if images is None:
+        images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
+        source = "random images (the run's dataset was not found)"
+    meta.update(more_metadata(main, [layer, *extra_layers], input_grads, images[:4], source, out, log))
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()
@@ -125,14 +186,10 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     if blocks is not None:
         set_metadata(blocks, {"role": "blocks", "export_id": meta["export_id"], "blocks": geometry})
         blocks_bytes = blocks.SerializeToString()
+    side_bytes = side_file(main, meta, log).SerializeToString() if input_grads else b""
 
-    size = int(model.input_shape[1])
-    images = sample_images(summary, size, samples)
-    source = "validation images"
-    if images is None:
-        images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
-        source = "random images (the run's dataset was not found)"
-    report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes, blocks_bytes, geometry)
+    report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes, blocks_bytes, geometry,
+                          extra_layers, side_bytes)
     log(f"parity on {len(images)} {source}, every class: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     bad = failures(report)
     if bad:
@@ -142,6 +199,9 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     write_atomic(head_bytes, head_path_for(out))
     write_atomic(forward_bytes, forward_path_for(out))
     written = [head_path_for(out), forward_path_for(out)]
+    if side_bytes:
+        write_atomic(side_bytes, input_grads_path_for(out))
+        written.append(input_grads_path_for(out))
     if blocks_bytes:
         write_atomic(blocks_bytes, blocks_path_for(out))
         written.append(blocks_path_for(out))

@@ -82,11 +82,12 @@ def load_keras(path: str):
         raise SourceError(f"{path}: cannot load Keras model: {first[:200]}") from None
 
 
-def open_keras_as_onnx(model, input_hw=None, layer: str | None = None, opset: int = 17):
+def open_keras_as_onnx(model, input_hw=None, layer=None, opset: int = 17):
     """(ONNX forward graph, the feature tensor's name or None) of a Keras model: input
     `image` (N, H, W, C), output `explicam_scores` (the model's output). With `layer`, the
     tensor of that Keras layer is found by exposing it as a second output for tf2onnx to
-    name, then dropping that output again."""
+    name, then dropping that output again; `layer` may be a list of names (several feature
+    layers, export --layer a,b): a list of tensor names back."""
     import keras
     import tensorflow as tf
     import tf2onnx
@@ -101,34 +102,38 @@ def open_keras_as_onnx(model, input_hw=None, layer: str | None = None, opset: in
         if not input_hw:
             raise SourceError(f"model '{model.name}' has a dynamic input size {shape[1:3]}; pass --input-size H,W")
         h, w = input_hw
-    if layer is not None and layer not in [lay.name for lay in model.layers]:
-        convs = [lay.name for lay in model.layers if "Conv" in type(lay).__name__]
-        raise SourceError(f"model has no layer named '{layer}'; its convolution layers are: "
-                          f"{', '.join(convs[-8:]) or 'none'}; pass --layer NAME or --layer auto")
+    names = [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
+    for name in names:
+        if name not in [lay.name for lay in model.layers]:
+            convs = [lay.name for lay in model.layers if "Conv" in type(lay).__name__]
+            raise SourceError(f"model has no layer named '{name}'; its convolution layers are: "
+                              f"{', '.join(convs[-8:]) or 'none'}; pass --layer NAME or --layer auto")
     spec = tf.TensorSpec((None, h, w, shape[3]), tf.float32, name="image")
-    outputs = [model.output] if layer is None else [model.output, model.get_layer(layer).output]
-    probe = keras.Model(model.inputs, outputs)
+    exposed = [f"explicam_features{'_' + str(k) if k else ''}" for k in range(len(names))]
+    probe = keras.Model(model.inputs, [model.output] + [model.get_layer(n).output for n in names])
 
     @tf.function(input_signature=(spec,))
     def forward(image):
         out = probe(image, training=False)
-        return {"explicam_scores": out} if layer is None else \
-            {"explicam_scores": out[0], "explicam_features": out[1]}
+        out = out if names else [out]
+        return {"explicam_scores": out[0], **dict(zip(exposed, out[1:]))}
 
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=(spec,), opset=opset)
-    if layer is None:
+    if not names:
         return proto, None
     # The extra output only names the feature tensor. tf2onnx keeps convolutions NCHW inside
     # and either renames the layer's tensor to it or hangs a Transpose / Identity off it for
     # the output alone, a side branch the score does not go through: then the tensor before.
-    feature = "explicam_features"
     consumed = {i for n in proto.graph.node for i in n.input}
-    while feature not in consumed:
-        producer = next(n for n in proto.graph.node if feature in n.output)
-        if producer.op_type not in ("Transpose", "Identity"):
-            break
-        feature = producer.input[0]
-    keep = [o for o in proto.graph.output if o.name != "explicam_features"]
+    found = []
+    for feature in exposed:
+        while feature not in consumed:
+            producer = next(n for n in proto.graph.node if feature in n.output)
+            if producer.op_type not in ("Transpose", "Identity"):
+                break
+            feature = producer.input[0]
+        found.append(feature)
+    keep = [o for o in proto.graph.output if o.name not in exposed]
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
-    return proto, feature
+    return proto, found[0] if isinstance(layer, str) else found

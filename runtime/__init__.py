@@ -5,7 +5,7 @@
     res = ex.explain(images, method="gradcam")
 
 The explainer core sits here (model, explainer, methods, masked, overlay, images, files,
-bench); the video path (capture, loop, sinks, MJPEG server, video bench) in runtime/video/.
+bench; plain: RISE on an ONNX classifier explicam never exported); the video path (capture, loop, sinks, MJPEG server, video bench) in runtime/video/.
 `embedded.py` stands alone: it imports nothing of explicam.
 """
 

@@ -21,8 +21,12 @@ import onnxruntime as ort
 from explicam.runtime.explainer import Explainer
 from explicam.runtime.model import session_options
 
-SLOW = {"scorecam", "rise"}  # hundreds of forward passes per image: fewer repetitions
+SLOW = {"scorecam", "rise", "smoothgrad", "integrated-gradients"}  # many passes per image: fewer repetitions
 RISE_MASKS = 256  # RISE is timed on this many masks (its cost is linear in them); "rise, per mask" divides
+# SmoothGrad and Integrated Gradients are timed on this many samples (their cost is linear in them);
+# "..., per sample" divides and compares with saliency (one forward and backward pass) in the same rounds
+GRAD_SAMPLES = 8
+SAMPLE_OPTIONS = {"smoothgrad": "smoothgrad_samples", "integrated-gradients": "ig_steps"}
 
 
 def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds: int = 3,
@@ -34,8 +38,11 @@ def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds:
         fn()
     times = {name: [] for name in fns}
     start, rounds = time.perf_counter(), 0
+    order = list(fns.items())
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds * len(fns)):
-        for name, fn in fns.items():
+        # every other round backwards: a row never always follows the same one (on ResNet-50 the
+        # row after the forward pass read 20% slow in fixed order, 0-4% either way in turns)
+        for name, fn in (order if rounds % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -91,7 +98,10 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
     if images is None:  # a fixed set of structured images (smooth blobs): same inputs for every row
         base = rng.random((max(batches), 8, 8, 3))
         images = np.stack([np.asarray(__import__("cv2").resize(b, (in_w, in_h)) * 255, np.uint8) for b in base])
-    methods = [m for m in (methods or ex["numba"].methods) if not (m == "cam" and model.head_kind != "gap")]
+    from explicam.runtime.methods_input import INPUT_GRAD_METHODS
+
+    methods = [m for m in (methods or ex["numba"].methods) if not (m == "cam" and model.head_kind != "gap")
+               and (model.has_input_grads or m not in INPUT_GRAD_METHODS)]
     plain, how = plain_forward_session(model_path, threads)
     rows, original_ms = [], {}
 
@@ -130,20 +140,28 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         for method in [m for m in methods if m in SLOW]:  # a few rounds, each beside its own forward pass
             # ten forward calls per round: one call beside a half-second explanation is too noisy
             kw = {"rise_masks": RISE_MASKS} if method == "rise" else {}
+            kinds = ex
+            if method in SAMPLE_OPTIONS:  # no per-pixel kernel work to compare: numba alone, beside saliency
+                kw, kinds = {SAMPLE_OPTIONS[method]: GRAD_SAMPLES}, {"numba": ex["numba"]}
             slow = {"forward": lambda: [forward() for _ in range(10)],
-                    **{k: (lambda e=e, m=method: e.explain(x_u8, m, **kw)) for k, e in ex.items()}}
-            if method == "rise":  # its masked images go through the classifier 32 at a time: so does this one
-                x32 = np.ascontiguousarray(np.repeat(x[:1], 32, axis=0))
-                slow["forward 32"] = lambda: plain.run(["probabilities"], {"image": x32})
+                    **{k: (lambda e=e, m=method: e.explain(x_u8, m, **kw)) for k, e in kinds.items()}}
+            if method in SAMPLE_OPTIONS:
+                slow["saliency"] = lambda: ex["numba"].explain(x_u8, "saliency")
+            if method == "rise":  # as many plain forward passes as RISE makes, 32 images a call as RISE does
+                x32, calls = np.ascontiguousarray(np.repeat(x[:1], 32, axis=0)), -(-RISE_MASKS * batch // 32)
+                slow["forward x masks"] = lambda: [plain.run(["probabilities"], {"image": x32}) for _ in range(calls)]
             if method == "scorecam" and model.masked_forward() is not None:  # before/after receptive-field crops
                 slow["whole"] = lambda m=method: ex["numba"].explain(x_u8, m, scorecam_crop=False)
-            ms = _interleaved(slow, batch, 0.0, min_rounds=3 if batch <= 4 else 1)
+            rounds = (5 if batch <= 4 else 2) if method in SAMPLE_OPTIONS else (3 if batch <= 4 else 1)
+            ms = _interleaved(slow, batch, 0.0, min_rounds=rounds)
             ms["forward"] /= 10
-            for kernels in ex:
-                add(method if method != "rise" else f"rise ({RISE_MASKS} masks)", kernels, batch, ms[kernels],
-                    ms["forward"])
+            label = {"rise": f"rise ({RISE_MASKS} masks)", **{m: f"{m} ({GRAD_SAMPLES} samples)" for m in SAMPLE_OPTIONS}}
+            for kernels in kinds:
+                add(label.get(method, method), kernels, batch, ms[kernels], ms["forward"])
+            if method in SAMPLE_OPTIONS:  # x forward here reads as "x saliency" (one forward + backward)
+                add(f"{method}, per sample (x saliency)", "numba", batch, ms["numba"] / GRAD_SAMPLES, ms["saliency"])
             for kernels in ex if method == "rise" else ():  # x forward here reads as "x N forward passes"
-                add("rise, per mask", kernels, batch, ms[kernels] / RISE_MASKS, ms["forward 32"] / 32 * batch)
+                add("rise, per mask", kernels, batch, ms[kernels] / RISE_MASKS, ms["forward x masks"] / RISE_MASKS)
             if "whole" in ms:
                 add(f"{method}, whole images", "numba", batch, ms["whole"], ms["forward"])
         for name, fn in (baselines or {}).items():  # apart: TensorFlow's idle threads would slow the other rows

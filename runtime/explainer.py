@@ -8,7 +8,7 @@ normalisation (camkernels).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class Explanation:
     targets: np.ndarray        # (N,) class index explained for each image
     class_names: list
     resize_shorter: int | None = None  # how the photos were fitted to the input (None: squeezed whole)
+    notes: dict = field(default_factory=dict)  # per-image figures of the method, {name: (N,)} (IG: completeness)
 
     def heatmap_on(self, i: int, shape) -> np.ndarray:
         """Image i's heatmap on its photo of `shape` (h, w), through the same resize the
@@ -54,16 +55,26 @@ class Explainer:
     placement: where heatmap cells are drawn: "geometric" (each at its receptive field's
     centre, the default when the file has geometry), "naive" (plain stretch, the default
     for older exports), or a geometry dict; runtime/placement.py.
+    feature_layer: which of the file's feature layers (export --layer a,b,c) single-layer
+    methods read: a name, tensor or output name of OnnxModel.feature_layers, or its index;
+    None: the primary one, and `layercam` fuses them all.
     options: method options used by every call unless a call passes its own (rise_masks,
-    rise_cells, rise_p, rise_seed, finercam_k, finercam_alpha, reciprocam_mask, ...; see
-    each method's docstring in runtime/methods.py and runtime/methods_perturb.py).
+    rise_cells, rise_p, rise_seed, finercam_k, finercam_alpha, reciprocam_mask,
+    smoothgrad_samples, smoothgrad_noise, ig_steps, ig_baseline, ig_method, layercam_fuse, ...;
+    see each method's docstring in runtime/methods.py, methods_perturb.py, methods_input.py).
     """
 
     def __init__(self, model_path, kernels: str = "auto", threads: int | None = None, batch_size: int = 16,
-                 scorecam_topk: int | None = None, warmup: bool = True, placement=None, options=None):
+                 scorecam_topk: int | None = None, warmup: bool = True, placement=None, options=None,
+                 feature_layer=None):
         self.model = OnnxModel(model_path, threads)
-        self.geometry = _placement.model_geometry(self.model.meta)
-        self.placement = _placement.resolve(placement, self.geometry)
+        self.layer = self._pick_layer(feature_layer)
+        self.feature_layer = feature_layer
+        primary = self.layer is self.model.feature_layers[0]
+        self.geometry = _placement.model_geometry(self.model.meta) if primary else \
+            _placement.model_geometry(self.layer)
+        self.effective = _placement.model_effective(self.model.meta) if primary else None
+        self.placement = _placement.resolve(placement, self.geometry, self.effective)
         self.k = camkernels.get(kernels)
         self.kernels = kernels if kernels != "auto" else camkernels.BACKEND
         self.batch_size = int(batch_size)
@@ -73,6 +84,28 @@ class Explainer:
         if warmup:  # compile the kernels and let onnxruntime allocate now, not on the first frame
             camkernels.warmup(self.k)
             self.explain(np.zeros((1, *self.input_hw, 3), np.uint8), "gradcam")
+
+    def _pick_layer(self, wanted) -> dict:
+        layers = self.model.feature_layers
+        if wanted is None:
+            return layers[0]
+        for i, d in enumerate(layers):
+            if str(wanted) in (str(i), d.get("name"), d.get("layer"), d.get("features")):
+                return d
+        raise MethodError(f"no feature layer {wanted!r} in {self.model.path}; it has "
+                          + ", ".join(f"{d['name']} ({d['features']})" for d in layers)
+                          + ("" if len(layers) > 1 else "; export several with --layer a,b,c"))
+
+    def upsample(self, maps: np.ndarray, layer: dict | None = None) -> np.ndarray:
+        """(N, h, w) maps of `layer` (default the explainer's own) -> (N, H, W) at the input,
+        under the explainer's placement, not normalised."""
+        if layer is None or layer.get("features") == self.layer.get("features"):
+            geometry, place = self.geometry, self.placement
+        else:   # another layer of the file: its own geometry (the effective fit belongs to the primary)
+            geometry = _placement.model_geometry(layer)
+            place = "naive" if self.placement == "naive" or geometry is None else "geometric"
+        p = _placement.params(place, geometry, self.input_hw, np.shape(maps)[1:3])
+        return self.k.upsample_placed(maps, *self.input_hw, *p)
 
     @property
     def class_names(self) -> list:
@@ -126,10 +159,15 @@ class Explainer:
         for start in range(0, len(x), self.batch_size):
             xb, tb = x[start:start + self.batch_size], targets[start:start + self.batch_size]
             out = self.model.run(xb, tb)
-            inputs = CamInputs(out["features"], out["grads"], out["logits"], out["target_used"].astype(np.int64),
-                               xb, self.model, self.k, opts, self.cache)
+            layers = [] if self.feature_layer is not None else \
+                [(d, out[d["features"]], out[d["grads"]]) for d in self.model.feature_layers]
+            inputs = CamInputs(out[self.layer["features"]], out[self.layer["grads"]], out["logits"],
+                               out["target_used"].astype(np.int64), xb, self.model, self.k, opts, self.cache,
+                               layers, self.upsample)
             for m in methods:
-                parts[m].append((self.cams(m, inputs), out["logits"], out["probabilities"], out["target_used"]))
+                inputs.notes = {}
+                cams = self.cams(m, inputs)
+                parts[m].append((cams, out["logits"], out["probabilities"], out["target_used"], inputs.notes))
         return {m: self._finish(m, parts[m]) for m in methods}
 
     def cams(self, method: str, inputs: CamInputs) -> np.ndarray:
@@ -150,6 +188,7 @@ class Explainer:
     def _finish(self, method: str, parts: list) -> Explanation:
         cams = np.concatenate([p[0] for p in parts])
         heatmaps = self.heatmaps(cams)
+        notes = {k: np.concatenate([p[4][k] for p in parts]) for k in (parts[0][4] if len(parts[0]) > 4 else ())}
         return Explanation(method, cams, heatmaps, np.concatenate([p[1] for p in parts]),
                            np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int64),
-                           self.class_names, self.model.resize_shorter)
+                           self.class_names, self.model.resize_shorter, notes)

@@ -28,7 +28,8 @@ DECODE_MIN_SIDE = 512       # huge JPEGs decode at reduced scale but keep >= 102
 DISPLAY_MIN_SIDE = 128      # smaller photos are enlarged (integer factor, nearest) so labels fit on them
 BATCH_PIXELS = 48_000_000   # photo pixels held at once, whatever the batch size (~150 MB)
 GRID_HEIGHT = 384           # tiles of a several-method grid are at most this tall
-PROBE_OPTIONS = {"rise_masks": 2, "scorecam_topk": 1}  # a method's trial run needs no full mask or channel set
+# a method's trial run needs no full mask, channel, noise or path set
+PROBE_OPTIONS = {"rise_masks": 2, "scorecam_topk": 1, "smoothgrad_samples": 1, "ig_steps": 2}
 
 
 @dataclass
@@ -140,6 +141,7 @@ class FilesConfig:
     kernels: str = "auto"           # camkernels backend: auto, numba or numpy
     threads: int | None = None      # onnxruntime intra-op threads [default: all cores]
     placement: str | None = None    # geometric / naive [default: the model's, runtime/placement.py]
+    feature_layer: str | None = None  # which feature layer single-layer methods read (Explainer; export --layer a,b)
     options: dict = field(default_factory=dict)  # method options: rise_masks, finercam_k, ... (runtime/methods*.py)
     preprocess: dict | None = None  # a plain ONNX classifier's preprocessing, for RISE (runtime/plain.py)
 
@@ -246,7 +248,8 @@ def explain_files(paths, cfg: FilesConfig | None = None, explainer=None, progres
 
         explainer = open_explainer(cfg.model or newest_model(), cfg.preprocess, kernels=cfg.kernels,
                                    threads=cfg.threads, batch_size=batch_size, placement=cfg.placement,
-                                   options=cfg.options)
+                                   options=cfg.options,
+                                   **({"feature_layer": cfg.feature_layer} if cfg.feature_layer else {}))
     if cfg.method == "all":  # what this model offers (a plain classifier: RISE alone)
         methods = [m for m in methods if m in explainer.methods]
     explainer.resolve_targets(target, 1)  # an unknown --target fails now, not per image

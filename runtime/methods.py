@@ -41,6 +41,11 @@ class CamInputs:
     k: object                  # camkernels namespace
     options: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # the Explainer's own: what a method computes once (RISE's masks)
+    # every feature layer of the file, [(layer dict of OnnxModel.feature_layers, features, grads)], when
+    # no single one was chosen (multi-layer Layer-CAM fuses them; runtime/methods_input.py)
+    layers: list = field(default_factory=list)
+    upsample: object = None    # fn(maps (N, h, w), layer dict or None) -> (N, H, W), the explainer's placement
+    notes: dict = field(default_factory=dict)  # per-image figures a method reports ({name: (N,)}: IG completeness)
 
 
 @register("cam")
@@ -83,7 +88,13 @@ def hirescam(a: CamInputs):
 
 @register("layercam")
 def layercam(a: CamInputs):
-    """Layer-CAM (Jiang et al., IEEE TIP 2021): sum_k relu(g^k) * A^k, position by position."""
+    """Layer-CAM (Jiang et al., IEEE TIP 2021): sum_k relu(g^k) * A^k, position by position.
+    With several feature layers in the file (export --layer a,b,c) and none chosen, their maps
+    are fused at the input's resolution as the paper does (methods_input.layercam_fused)."""
+    if len(a.layers) > 1:
+        from explicam.runtime.methods_input import layercam_fused
+
+        return layercam_fused(a)
     return a.k.grad_product_sum(a.features, a.grads, True)
 
 
@@ -109,7 +120,8 @@ def finercam(a: CamInputs):
     3: the authors' second to fourth most similar), p = softmax of the logits, `finercam_alpha`
     the comparison strength (default 1; 0 is Grad-CAM). The p_d are taken as constants, so
     d S / d A is a sum of k + 1 class gradients; the authors differentiate through them too,
-    which would need every class's gradient (with finercam_k=1 the two agree to 1e-9).
+    which would need every class's gradient (with finercam_k=1 they agree: the one weight
+    p / (p + 1e-9) is constant to within 1e-9 / p).
     Gradients are linear in the target: the main graph runs once more per reference class
     (all images and references in one batch), no new graph."""
     n = len(a.targets)
@@ -226,4 +238,4 @@ def eigencam(a: CamInputs):
 
 # Methods that re-run the network on perturbed inputs or features register themselves there
 # (after everything above is defined: that module imports register and CamInputs from here).
-from explicam.runtime import methods_perturb  # noqa: E402,F401
+from explicam.runtime import methods_input, methods_perturb  # noqa: E402,F401

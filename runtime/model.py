@@ -91,12 +91,47 @@ class OnnxModel:
         self.kernel = meta.get("kernel")
         self.input_name = meta.get("input_name", "image")
         self._head = None
+        self._input_grads = None  # model.inputgrads.onnx's session (export --input-grads), opened on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
         self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def feature_layers(self) -> list:
+        """[{"name", "layer", "features", "grads", "feature_shape", "geometry"}] of every feature
+        layer the file outputs, the primary first (export --layer a,b,c writes several)."""
+        layers = self.meta.get("feature_layers")
+        if not (isinstance(layers, list) and layers):   # an export of one layer, or from before
+            layers = self.meta["feature_layers"] = [
+                {"name": self.meta["feature_layer"], "layer": self.meta["feature_layer"], "features": "features",
+                 "grads": "grads", "feature_shape": list(self.feature_shape), "geometry": self.meta.get("geometry")}]
+        return layers
+
+    @property
+    def has_input_grads(self) -> bool:
+        """True when the export wrote model.inputgrads.onnx (export --input-grads)."""
+        return bool(self.meta.get("input_grads_file"))
+
+    def input_gradients(self, x: np.ndarray, targets, guided: bool = False) -> dict:
+        """{"input_grads": d logits[target] / d image (N, H, W, 3), "logits", "target_used"} from
+        model.inputgrads.onnx for preprocessed images (guided: guided backpropagation's)."""
+        if self._input_grads is None:
+            name = self.meta.get("input_grads_file")
+            if not name:
+                raise ModelError(f"{self.path}: no input gradients in this export; re-export it with --input-grads")
+            self._input_grads = self._side_file(name)
+            if self._input_grads is None:
+                raise ModelError(f"{os.path.join(os.path.dirname(os.path.abspath(self.path)), name)}: missing or from "
+                                 f"another export than {os.path.basename(self.path)}; copy the files of one export "
+                                 "together, or re-export with --input-grads")
+        names = ["input_grads", "logits", "target_used"]
+        values = self._input_grads.run(names, {self.input_name: np.ascontiguousarray(x, np.float32),
+                                               "target": np.asarray(targets, np.int64),
+                                               "guided": np.array([bool(guided)])})
+        return dict(zip(names, values))
 
     def preprocess(self, images) -> np.ndarray:
         """RGB uint8 image(s) of any size -> (N, H, W, 3) float32 in the model's value range.

@@ -6,9 +6,10 @@
   naive      the feature map stretched over the input (plain bilinear, as pytorch-grad-cam
              and keras.io do): cell j at (j + 0.5) * S / h - 0.5. The default for older
              exports without geometry, and the comparison in `evaluate`.
-  effective  not offered by name yet: it needs the measured centre of each cell's influence
-             on the input (|d cell / d image|), i.e. input gradients the export does not
-             write yet. `evaluate` measures it with TensorFlow and model.keras
+  effective  each cell at the measured centre of its influence on the input (mean position
+             of |d cell / d image| over a few images, fitted as stride j + offset): offered
+             when the export measured it (`export --input-grads` writes `effective_geometry`,
+             export/input_grads.py); `evaluate` measures it again on its own images
              (evaluate/effective.py) and passes the fitted map as a geometry dict.
 A geometry dict ({"stride": [sy, sx], "offset": [oy, ox]}) is accepted in place of a name.
 A map at the input's own resolution (RISE) is not moved by any placement.
@@ -16,7 +17,7 @@ Pixel p is centred at coordinate p; cell j at stride * j + offset (both per axis
 """
 from __future__ import annotations
 
-PLACEMENTS = ("geometric", "naive")
+PLACEMENTS = ("geometric", "naive", "effective")
 
 
 class PlacementError(ValueError):
@@ -29,9 +30,16 @@ def model_geometry(meta: dict) -> dict | None:
     return g if isinstance(g, dict) and "stride" in g and "offset" in g else None
 
 
-def resolve(requested, geometry: dict | None):
+def model_effective(meta: dict) -> dict | None:
+    """The export's measured effective placement (export --input-grads), or None."""
+    g = meta.get("effective_geometry")
+    return g if isinstance(g, dict) and "stride" in g and "offset" in g else None
+
+
+def resolve(requested, geometry: dict | None, effective: dict | None = None):
     """The placement to use: a name of PLACEMENTS, or a geometry dict given by the caller.
-    None / "auto": geometric when the file has geometry, else naive (silently)."""
+    None / "auto": geometric when the file has geometry, else naive (silently). "effective"
+    comes back as the measured geometry dict itself (`effective`, model_effective)."""
     if isinstance(requested, dict):
         if "stride" not in requested or "offset" not in requested:
             raise PlacementError("a placement dict needs 'stride' and 'offset' ([y, x] each)")
@@ -39,8 +47,11 @@ def resolve(requested, geometry: dict | None):
     if requested in (None, "auto"):
         return "geometric" if geometry is not None else "naive"
     if requested == "effective":
-        raise PlacementError("placement 'effective' needs input gradients, which this export does not have; "
-                             "use geometric or naive")
+        if effective is None:
+            raise PlacementError("placement 'effective' needs the measured effective centres, which the export "
+                                 "writes with input gradients (re-export with --input-grads; for the primary "
+                                 "feature layer only); use geometric or naive")
+        return {"stride": list(effective["stride"]), "offset": list(effective["offset"]), "name": "effective"}
     if requested not in PLACEMENTS:
         raise PlacementError(f"unknown placement {requested!r}; choose from {', '.join(PLACEMENTS)}")
     if requested == "geometric" and geometry is None:

@@ -22,7 +22,6 @@ import os
 import numpy as np
 
 from explicam import camkernels
-from explicam.runtime import placement as _placement
 from explicam.runtime.explainer import Explainer
 from explicam.runtime.methods import METHODS, CamInputs, MethodError
 from explicam.runtime.model import ModelError, NotExported, OnnxModel, _session
@@ -169,7 +168,7 @@ class PlainExplainer(Explainer):
                  resize_shorter: int | None = None):
         self.model = PlainModel(model_path, preprocess, input_hw, layout, resize_shorter, threads)
         self.geometry = None
-        self.placement = _placement.resolve(placement, None)
+        self.placement = "naive"  # RISE draws on the input itself: no placement moves its map
         self.k = camkernels.get(kernels)
         self.kernels = kernels if kernels != "auto" else camkernels.BACKEND
         self.batch_size = int(batch_size)

@@ -10,6 +10,9 @@ def ray_address():
     ray = pytest.importorskip("ray", reason="the Ray tests need the cluster extra: pip install '.[cluster]'")
     pytest.importorskip("pyarrow", reason="the Ray tests need the cluster extra: pip install '.[cluster]'")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if ray.is_initialized():  # each test module that imports this fixture gets its own copy: one Ray for all
+        yield ray.get_runtime_context().gcs_address
+        return
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         yield ray.get_runtime_context().gcs_address

@@ -12,19 +12,39 @@ pytest.importorskip("tensorflow", reason="training needs the train extra (Tensor
 
 SCRIPT = """
 import json, sys
+import numpy as np
 import tensorflow as tf
+import keras
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from explicam.train.distribute import make_strategy
 from explicam.train.fit import TrainConfig, train
+from explicam.train.model import build_model
+
+# one step on one global batch of 16: the mirrored update is the one-device update
+rng = np.random.default_rng(0)
+batch = tf.data.Dataset.from_tensor_slices((rng.random((16, 64, 64, 3), np.float32),
+                                            rng.integers(0, 4, 16).astype(np.int32))).batch(16)
+def stepped(scope):
+    with scope:
+        keras.utils.set_random_seed(0)
+        m = build_model(4, 64, 4, dropout=0.0)
+        m.compile(optimizer=keras.optimizers.RMSprop(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m.fit(batch, epochs=1, verbose=0)
+    return m.get_weights()
+import contextlib
+one_step = max(float(np.abs(a - b).max()) for a, b in zip(stepped(contextlib.nullcontext()),
+                                                         stepped(make_strategy("mirrored").scope())))
 lines, out = [], {}
 for kind in ("none", "mirrored"):
-    cfg = TrainConfig(data=sys.argv[1], kernel=4, image_size=64, batch_size=16, max_epochs=5, patience=5, seed=0,
-                      flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, distribute=kind)
+    cfg = TrainConfig(data=sys.argv[1], kernel=4, image_size=64, batch_size=16, max_epochs=6, patience=6, seed=0,
+                      dropout=0.0, flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0,
+                      distribute=kind)
     out[kind] = train(cfg, run_dir=sys.argv[2] + "/" + kind, verbose=0, log=lines.append)
-# a second call resumes by the usual rules: the finished mirrored run is recognised
-again = train(TrainConfig(**{**cfg.__dict__, "max_epochs": 5}), run_dir=sys.argv[2] + "/mirrored", verbose=0,
-              log=lines.append)
-print(json.dumps({"lines": lines, "runs": out, "again": again["epochs_run"]}))
+# the same command again follows the usual rules: the finished mirrored run is recognised
+again = train(cfg, run_dir=sys.argv[2] + "/mirrored", verbose=0, log=lines.append)
+print(json.dumps({"lines": lines, "runs": out, "again": again["epochs_run"], "one_step": one_step}))
 """
 
 
@@ -37,7 +57,10 @@ def test_mirrored_over_two_cpu_devices_learns_like_one_device(synth_dir, tmp_pat
     assert any("MirroredStrategy over 2 device(s)" in ln for ln in got["lines"]), got["lines"]
     one, two = got["runs"]["none"], got["runs"]["mirrored"]
     chance = 1.0 / NUM_CLASSES
-    assert two["epochs_run"] == one["epochs_run"] == 5 and got["again"] == 5
-    assert one["best_val_accuracy"] > chance + 0.2 and two["best_val_accuracy"] > chance + 0.2, (one, two)
-    assert abs(one["best_val_accuracy"] - two["best_val_accuracy"]) <= 0.15, (one, two)
+    assert got["one_step"] < 1e-6  # the global batch: one mirrored step is the one-device step
+    assert two["epochs_run"] == one["epochs_run"] == 6 and got["again"] == 6
+    assert any("already complete" in ln for ln in got["lines"])
+    # later steps drift apart by float rounding (summing on one device), so the runs are held to a band
+    assert one["best_val_accuracy"] > chance + 0.15 and two["best_val_accuracy"] > chance + 0.15, (one, two)
+    assert abs(one["best_val_accuracy"] - two["best_val_accuracy"]) <= 0.25, (one, two)
     assert json.loads((tmp_path / "mirrored" / "summary.json").read_text())["config"]["distribute"] == "mirrored"

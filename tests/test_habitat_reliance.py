@@ -38,7 +38,6 @@ def test_full_bias_loses_accuracy_on_swapped(measured):
     sw = cf["sets"]["swapped"]
     assert sw["images"] == 60 and sw["validation_accuracy"] > 0.6
     assert cf["drop_swapped"] > 0.15, cf  # the habitat moved, the prediction followed it
-    assert sw["follows_habitat"] > 1 / CLASSES
     assert cf["background_above_chance"] > 0.1, cf  # the empty habitat alone is still "recognised"
 
 
@@ -48,3 +47,5 @@ def test_no_bias_keeps_its_accuracy_on_swapped(measured):
     assert cf["drop_swapped"] < 0.1, cf
     assert abs(cf["background_above_chance"]) < 0.1, cf
     assert biased["drop_swapped"] - cf["drop_swapped"] > 0.15
+    # on the swapped set the biased model follows the new habitat more often than this one
+    assert biased["sets"]["swapped"]["follows_habitat"] > cf["sets"]["swapped"]["follows_habitat"]

@@ -368,3 +368,16 @@ def test_a_dynamic_input_needs_its_size(tmp_path):
     assert m.input_hw == (24, 30) and m.max_batch is None and m.score_kind == "logits"
     x = np.random.default_rng(0).random((3, 24, 30, 3), dtype=np.float32)
     np.testing.assert_allclose(m.probabilities(x).sum(1), 1, atol=1e-6)
+
+
+def test_the_plain_path_imports_nothing_of_the_export():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys\nimport explicam.runtime.plain, explicam.runtime.methods_perturb\n"
+            "bad = [m for m in sys.modules if m.startswith('explicam.export') or m in ('tensorflow', 'torch')]\n"
+            "assert not bad, bad\nprint('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -41,7 +41,7 @@ def test_the_wheel_installs_one_import_root(wheel):
         declared = z.read(f"{dist_info}/top_level.txt").decode().split()
     assert top_level == {"explicam", dist_info}, top_level
     assert declared == ["explicam"]
-    for package in ("runtime", "runtime/video", "camkernels", "export", "train", "evaluate"):
+    for package in ("runtime", "runtime/video", "camkernels", "export", "train", "evaluate", "cluster"):
         assert f"explicam/{package}/__init__.py" in names
     assert "explicam/cli.py" in names and "explicam/runtime/embedded.py" in names
     assert not [n for n in names if n.startswith("explicam/tests")]

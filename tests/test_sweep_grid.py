@@ -45,3 +45,20 @@ def test_report_has_repeats_and_size_grid(swept):
         assert (report / "figures" / fig).is_file(), fig
     html = (report / "index.html").read_text()
     assert "Kernel size against image size" in html and "k2_s0_64" in html
+
+
+def test_run_folder_names():
+    from explicam.evaluate.grid import SweepGrid, parse_datas, parse_sizes, plan_points
+
+    def names(grid, head="flatten", kernels=(2, 4)):
+        return [p.run_dir for p in plan_points("runs", list(kernels), grid, head, 128, "data/x")]
+    assert names(SweepGrid()) == ["runs/k2", "runs/k4"]  # one seed, one size: the folders as they always were
+    assert names(SweepGrid(seeds=2, base_seed=5), kernels=(4,)) == ["runs/k4_s5_128", "runs/k4_s6_128"]
+    assert names(SweepGrid(image_sizes=(32, 64)), "gap", (8,)) == ["runs/k8_gap_s0_32", "runs/k8_gap_s0_64"]
+    assert names(SweepGrid(datas=parse_datas("d/b0,d/b1")), kernels=(2,)) == ["runs/b0/k2_s0_128",
+                                                                             "runs/b1/k2_s0_128"]
+    for bad, call in (("64,100", parse_sizes), ("a/x,b/x", parse_datas)):
+        with pytest.raises(ValueError):
+            call(bad)
+    with pytest.raises(ValueError, match="--seeds"):
+        SweepGrid(seeds=0)

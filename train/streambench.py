@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def epoch_times(data: str, size: int = 224, kernel: int = 4, batch: int = 128, r
                              callbacks=[timer])
             times[name] += timer.times
             log(f"  round {r + 1}: {name}: {timer.times[-1]:.1f}s")
+    shutil.rmtree(run_dir, ignore_errors=True)
     later = {name: statistics.median(t[1:]) if len(t) > 1 else t[0] for name, t in times.items()}
     return {"train_images": len(y_tr), "val_images": len(y_va), "image_size": size, "kernel": kernel,
             "batch": batch, "epochs": times, "median_after_first": later,
@@ -92,8 +94,11 @@ def peak_rss_of_training(data: str, size: int, kernel: int, batch: int, epochs: 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     if status != 0:
         raise RuntimeError(f"training on {data} failed:\n{out[-2000:]}")
     lines = [ln for ln in out.splitlines() if "cached" in ln or ln.startswith("{")]

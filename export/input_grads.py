@@ -1,0 +1,233 @@
+"""Gradients with respect to the image: the whole network differentiated, in a side file.
+
+`export ... --input-grads` writes model.inputgrads.onnx beside model.onnx (same export_id):
+
+  inputs   image (N, H, W, 3) as model.onnx takes it (explicam's RGB [0, 1], the user's
+           preprocessing inside: the gradient runs through the prologue too);
+           target (N,) int64, default [-1] = top-1; guided (1,) bool, default [False]
+  outputs  logits, probabilities, target_used as model.onnx; input_grads (N, H, W, 3) =
+           d logits[n, target_used[n]] / d image[n]; with guided = [True], guided
+           backpropagation's instead (every ReLU, and every Clip with lower bound 0, passes
+           the gradient only where its input and the incoming gradient are both positive)
+
+Why a side file rather than more outputs of model.onnx: onnxruntime runs every node of a
+graph whatever outputs a call asks for (a 6-conv branch nobody fetched still cost its full
+time, measured with onnxruntime 1.32), so every Grad-CAM call would pay for a backward pass
+through the whole body. Why one switch rather than two outputs: the two walks share
+everything but a mask per rectifier, and one file holds one copy of the weights; a call
+computes one of them.
+
+The same walk, seeded per feature cell instead of per class (`cell_gradient_model`), gives
+d features[i, j] / d image: where each cell's input influence lies (evaluate/effective.py).
+Only onnx, numpy and onnxruntime here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .autodiff import Builder, add_target, backward, measure_shapes
+from .autodiff_more import guided_rules
+from .graph import FLOAT_TYPES, float_dependents, infer_shapes, opset_of
+
+OUTPUT, GUIDED, CELL_SEED, CELL_GRADS = "input_grads", "guided", "cell_seed", "cell_grads"
+F32 = onnx.TensorProto.FLOAT
+
+
+def _builder(model, image: str, hw) -> Builder:
+    """A Builder over `model` with every float tensor's shape as onnxruntime gives it at batch 1."""
+    inferred, dtypes = infer_shapes(model)
+    dep = float_dependents(model.graph.node, [image], dtypes)
+    names = [o for n in model.graph.node for o in n.output if o in dep and dtypes.get(o, F32) in FLOAT_TYPES]
+    feeds = {image: np.random.default_rng(0).random((1, *hw, 3), dtype=np.float32)}
+    shapes = {**{k: v for k, v in inferred.items() if v is not None}, image: (1, *hw, 3),
+              **measure_shapes(model, names, feeds, dtypes)}
+    return Builder(model, shapes, dtypes, opset_of(model))
+
+
+def _image_hw(model, image: str = "image") -> tuple:
+    dims = next(i for i in model.graph.input if i.name == image).type.tensor_type.shape.dim
+    return int(dims[1].dim_value), int(dims[2].dim_value)
+
+
+def input_grads_model(forward: onnx.ModelProto) -> onnx.ModelProto:
+    """The side file from the export's classifier (model.forward.onnx's graph: image ->
+    logits, probabilities): the module docstring's inputs and outputs, no metadata yet."""
+    model = copy.deepcopy(forward)
+    del model.metadata_props[:]
+    hw = _image_hw(model)
+    nodes = list(model.graph.node)
+    b = _builder(model, "image", hw)
+    classes = int(b.shape("logits")[1])
+    seed = add_target(b, model, "logits", classes)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([False]), GUIDED))
+    model.graph.input.append(helper.make_tensor_value_info(GUIDED, onnx.TensorProto.BOOL, [1]))
+    grad = backward(b, nodes, "image", "logits", seed, rules=guided_rules(GUIDED))
+    b.node("Identity", [grad], [OUTPUT])
+    model.graph.output.extend([helper.make_tensor_value_info("target_used", onnx.TensorProto.INT64, ["N"]),
+                               helper.make_tensor_value_info(OUTPUT, F32, ["N", *hw, 3])])
+    return model
+
+
+def metadata(export_id: str) -> dict:
+    return {"role": "input_grads", "export_id": export_id,
+            "input_grads": "d logits[target] / d image (N, H, W, 3), the whole network and the preprocessing "
+                           "differentiated by explicam; guided=[True]: guided backpropagation (Springenberg 2015)"}
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def check_input_grads(side: onnx.ModelProto, images=None, classes=None, directions: int = 2, seed: int = 0):
+    """(report, failures) of `input_grads` against central finite differences of the classifier
+    itself (image -> logits, in float64 where onnxruntime has every op in double), along
+    random directions, for a few classes; `input_grads_batch`: a batch gives what its images
+    give one by one."""
+    from .autodiff_check import FD_TOLERANCE_FLOAT32, TOLERANCES, _fd_error, head_graph
+    from .autodiff_double import as_double
+
+    hw = _image_hw(side)
+    rng = np.random.default_rng(seed)
+    x = np.asarray(images, np.float32) if images is not None else rng.random((2, *hw, 3), dtype=np.float32)
+    s = _session(side)
+    n = len(x)
+    forward, _ = head_graph(side, "image", "logits")
+    _, types = infer_shapes(forward)
+    inner = [o for nd in forward.graph.node for o in nd.output if types.get(o) == F32]
+    try:
+        shapes = {"image": x.shape, **measure_shapes(forward, inner, {"image": x}, types)}
+        fs, dtype = _session(as_double(forward, shapes)), np.float64
+    except Exception:  # an op onnxruntime has only in float32: float32 steps, looser tolerance
+        fs, dtype = _session(forward), np.float32
+
+    def score(z, c):
+        return fs.run(None, {"image": z.astype(dtype)})[0].reshape(n, -1)[:, c]
+
+    logits = s.run(["logits"], {"image": x})[0]
+    c_all = logits.shape[1]
+    classes = sorted({0, c_all - 1}) if classes is None else list(classes)
+    tol = TOLERANCES["grads_fd"] if dtype == np.float64 else FD_TOLERANCE_FLOAT32
+    worst = 0.0
+    for c in classes:
+        g = s.run([OUTPUT], {"image": x, "target": np.full(n, c, np.int64)})[0].astype(np.float64)
+        for _ in range(directions):
+            v = rng.standard_normal(x.shape)
+            steps = (1e-6, 1e-7) if dtype == np.float64 else (1e-2, 1e-3, 1e-4)
+            worst = max(worst, float(_fd_error(score, x, g, v, c, (1, 2, 3), steps).max()))
+    ones = np.concatenate([s.run([OUTPUT], {"image": x[i:i + 1]})[0] for i in range(n)])
+    whole = s.run([OUTPUT], {"image": x})[0]
+    batch = float(np.abs(ones - whole).max() / max(1.0, float(np.abs(whole).max())))
+    report = {"input_grads_fd": worst, "input_grads_batch": batch}
+    tols = {"input_grads_fd": tol, "input_grads_batch": TOLERANCES["batch"]}
+    failures = [f"{k} differs by {v:.2e} (tolerance {tols[k]:.0e})" for k, v in report.items() if not v <= tols[k]]
+    return report, failures
+
+
+def build_side_file(main: onnx.ModelProto, log=print):
+    """(side-file ModelProto, check report) for an export's main graph; raises ValueError
+    with the check's failures when the input gradients disagree with finite differences."""
+    from .onnx import classifier_only
+
+    side = input_grads_model(classifier_only(main))
+    report, bad = check_input_grads(side)
+    log("input gradients against finite differences: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
+    if bad:
+        raise ValueError("the input gradients disagree with the classifier, nothing written: " + "; ".join(bad))
+    return side, report
+
+
+# ---- d features[cell] / d image: each cell's influence, for the effective placement ------------
+def cell_gradient_model(main: onnx.ModelProto, features: str = "features") -> onnx.ModelProto:
+    """image (N, H, W, 3), cell_seed (N, h, w, C) -> cell_grads (N, H, W, 3) = d sum(seed *
+    features) / d image, from an export's main graph (`features` or features_1, ...)."""
+    from .autodiff_check import head_graph
+
+    body, _ = head_graph(main, "image", features)
+    model = copy.deepcopy(body)
+    hw = _image_hw(main)
+    del model.graph.input[:]
+    model.graph.input.append(helper.make_tensor_value_info("image", F32, ["N", *hw, 3]))
+    nodes = list(model.graph.node)
+    b = _builder(model, "image", hw)
+    fshape = b.shape(features)
+    model.graph.input.append(helper.make_tensor_value_info(CELL_SEED, F32, ["N", *fshape[1:]]))
+    grad = backward(b, nodes, "image", features, CELL_SEED)
+    b.node("Identity", [grad], [CELL_GRADS])
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(CELL_GRADS, F32, ["N", *hw, 3]))
+    return model
+
+
+def cell_saliency(main, images, rows, cols, features: str = "features", chunk: int = 16) -> np.ndarray:
+    """G (len(rows), len(cols), H, W) = mean over images of sum over colours of
+    |d (sum_c features[i, j, c]) / d image| for the cells rows x cols (evaluate/effective.py),
+    `chunk` cells per onnxruntime call (each a copy of the image seeded at one cell)."""
+    proto = main if isinstance(main, onnx.ModelProto) else onnx.load(main)
+    session = _session(cell_gradient_model(proto, features))
+    x = np.asarray(images, np.float32)
+    fshape = next(o for o in proto.graph.output if o.name == features).type.tensor_type.shape.dim
+    h, w, c = (int(d.dim_value) for d in fshape[1:])
+    cells = [(i, j) for i in rows for j in cols]
+    out = np.zeros((len(cells), *x.shape[1:3]), np.float64)
+    for image in x:
+        for s in range(0, len(cells), chunk):
+            part = cells[s:s + chunk]
+            seed = np.zeros((len(part), h, w, c), np.float32)
+            for k, (i, j) in enumerate(part):
+                seed[k, i, j, :] = 1.0
+            g = session.run([CELL_GRADS], {"image": np.repeat(image[None], len(part), 0), CELL_SEED: seed})[0]
+            out[s:s + len(part)] += np.abs(g).sum(axis=-1)
+    return (out / len(x)).reshape(len(rows), len(cols), *x.shape[1:3]).astype(np.float32)
+
+
+def measure_effective(main, images, geometry: dict | None = None, features: str = "features",
+                      per_axis: int = 9, source: str = "") -> dict:
+    """The fitted effective placement {"stride", "offset", "residual_px", "images", "cells",
+    "source", "from_geometric_px"} of an export's feature layer (evaluate/effective.py fits
+    it): at most `per_axis` rows and columns of cells, evenly spread, are measured."""
+    from explicam.evaluate.effective import cell_centres, fit_placement
+
+    proto = main if isinstance(main, onnx.ModelProto) else onnx.load(main)
+    dims = next(o for o in proto.graph.output if o.name == features).type.tensor_type.shape.dim
+    h, w = int(dims[1].dim_value), int(dims[2].dim_value)
+    rows = np.unique(np.linspace(0, h - 1, min(h, per_axis)).round().astype(int))
+    cols = np.unique(np.linspace(0, w - 1, min(w, per_axis)).round().astype(int))
+    centres = cell_centres(cell_saliency(proto, images, rows, cols, features))
+    fit = fit_placement(centres, rows, cols, (h, w))
+    out = {**fit, "images": int(len(images)), "cells": [len(rows), len(cols)],
+           "source": source or "mean |d cell / d image| (explicam's ONNX differentiation, onnxruntime)"}
+    if geometry:
+        out["from_geometric_px"] = _from_geometric(centres, rows, cols, (h, w), geometry)
+    return out
+
+
+def _from_geometric(centres, rows, cols, hw, geometry) -> list:
+    """Mean (effective - geometric) centre over the inner measured cells, per axis [y, x]."""
+    inner = [(idx > 0) & (idx < n - 1) if n >= 3 else np.ones(len(idx), bool) for idx, n in ((rows, hw[0]), (cols, hw[1]))]
+    sub = centres[inner[0]][:, inner[1]]
+    gy = geometry["stride"][0] * rows[inner[0]] + geometry["offset"][0]
+    gx = geometry["stride"][1] * cols[inner[1]] + geometry["offset"][1]
+    return [float((sub[..., 0] - gy[:, None]).mean()), float((sub[..., 1] - gx[None, :]).mean())]
+
+
+def effective_meta(main, images, geometry, what: str, log=print) -> dict | None:
+    """measure_effective for the export's metadata, or None with one line saying why not."""
+    try:
+        eff = measure_effective(main, images, geometry)
+    except Exception as exc:  # noqa: BLE001  (a cell without influence, an op without a rule: no effective)
+        log(f"no effective placement in the metadata ({str(exc).splitlines()[0]})")
+        return None
+    eff["images_from"] = what
+    log(f"effective centres ({eff['images']} {what}): {eff['stride'][0]:.2f} j + {eff['offset'][0]:.1f} px (y), "
+        f"{eff['stride'][1]:.2f} j + {eff['offset'][1]:.1f} px (x)")
+    return json.loads(json.dumps(eff))

@@ -1,0 +1,70 @@
+"""Several feature layers in one export: `export --layer a,b,c`.
+
+The first layer listed is the primary one (outputs `features`, `grads`, what single-layer
+methods use by default); the others follow as features_1 / grads_1, features_2 / grads_2 ...
+in the order given, from the same backward walk (autodiff.gradient_model). A layer is an
+ONNX tensor name, a Keras layer name (for .keras / .h5 files), `auto` (the last
+convolutional stage, graph.pick_features), or `auto:K`: auto and the K - 1 stages before it,
+each stage's end being the last tensor of the convolution chain at one spatial resolution
+that all of the score's dependence on the image passes through (ResNet's layer4, layer3 ...;
+the seed's conv4, conv3 ...), the layers Layer-CAM fuses (Jiang et al. 2021, section III-C).
+"""
+from __future__ import annotations
+
+from .graph import CHAIN_OPS, Graph, GraphError, _is_cut, feature_candidates, pick_features
+
+
+def parse_layers(spec: str) -> list[str]:
+    """'auto' -> ['auto']; 'a, b' -> ['a', 'b']; an empty item is an error."""
+    items = [s.strip() for s in str(spec or "auto").split(",")]
+    if not all(items):
+        raise GraphError(f"--layer {spec!r}: an empty layer name")
+    for item in items:
+        if item.startswith("auto:") and not (item[5:].isdigit() and int(item[5:]) >= 1):
+            raise GraphError(f"--layer {item!r}: expected auto:K with K >= 1 (auto and the K - 1 stages before it)")
+    return items
+
+
+def named_layers(items) -> list[str]:
+    """The items that name a layer (not auto / auto:K)."""
+    return [i for i in items if i != "auto" and not i.startswith("auto:")]
+
+
+def stages(g: Graph, count: int) -> list[str]:
+    """The auto layer, then the ends of up to count - 1 earlier resolution stages, deepest first."""
+    auto = pick_features(g, "auto")
+    cands = feature_candidates(g)
+    producer = {o: n for n in g.model.graph.node for o in n.output}
+    consumers = {}
+    for node in g.model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+
+    def hw(name):
+        s = g.shapes[name]
+        return (s[2], s[3]) if g.layouts.get(name) == "NCHW" else (s[1], s[2])
+    last = {}   # spatial size -> the last cut tensor of the chain at that size, before the auto layer
+    for name in cands[:cands.index(auto)]:
+        if producer[name].op_type in CHAIN_OPS and hw(name) != hw(auto) and _is_cut(g, name, consumers):
+            last[hw(name)] = name
+    earlier = sorted(last.values(), key=cands.index, reverse=True)
+    return [auto] + earlier[:count - 1]
+
+
+def resolve_layers(g: Graph, items, named: dict | None = None) -> list[tuple[str, str]]:
+    """(name, tensor) for the parsed --layer items, primary first: the name is the one given
+    (a Keras layer's, or a tensor's), or the tensor's for auto and auto:K (`named`: Keras layer
+    name -> tensor). A tensor named twice is an error."""
+    out = []
+    for item in items:
+        if item == "auto":
+            found = [pick_features(g, "auto")]
+        elif item.startswith("auto:"):
+            found = stages(g, int(item[5:]))
+        else:
+            found = [pick_features(g, (named or {}).get(item, item))]
+        out += [(t if item.startswith("auto") else item, t) for t in found]
+    tensors = [t for _, t in out]
+    if len(set(tensors)) != len(tensors):
+        raise GraphError(f"--layer {','.join(items)}: the same tensor is named twice ({', '.join(tensors)})")
+    return out

@@ -1,0 +1,268 @@
+"""Input gradients written into ONNX (export --input-grads, export/input_grads.py) and the methods
+built on them (runtime/methods_input.py): against torch autograd through the prologue's
+mean/std and BGR Gather (tf.GradientTape: test_input_grads_keras.py), and Captum's Saliency,
+GuidedBackprop, NoiseTunnel (SmoothGrad) and IntegratedGradients on the same torch network with
+the same noise and baseline; batch equals one by one; numba equals numpy; the one-line error
+without input gradients; guided ReLU6 against torch hooks.
+
+Random images throughout: these gradients cross max pools, and flat image regions make windows
+of values equal up to rounding, whose gradient two frameworks may send to different elements.
+"""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+H, W = 40, 48
+
+
+def _rel(got, want):
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(float(np.abs(want).max()), 1e-12))
+
+
+def _side(path):
+    return ort.InferenceSession(str(path).replace("model.onnx", "model.inputgrads.onnx"),
+                                providers=["CPUExecutionProvider"])
+
+
+def _images(n, seed=0, h=H, w=W):
+    return np.random.default_rng(seed).random((n, h, w, 3), dtype=np.float32)
+
+
+torch = pytest.importorskip("torch", reason="torch makes the PyTorch test files (pip install torch==2.13.0)")
+
+
+# ---- a network of nn.ReLU modules (what Captum's guided backpropagation overrides) ----------------
+
+
+class ReluNet(torch.nn.Module):
+    """Stem with max pool, a residual block, a strided stage, GAP, Linear; every ReLU a module."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1))
+        self.after = nn.ReLU()
+        self.stage = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        s = self.stem(x)
+        f = self.stage(self.after(s + self.block(s)))
+        return self.fc(f.mean((2, 3)))
+
+
+class FromImage(torch.nn.Module):
+    """The explicam input (N, H, W, 3) RGB [0, 1] -> the net, as the export's prologue does it."""
+
+    def __init__(self, net, bgr=False):
+        super().__init__()
+        self.net, self.bgr = net, bgr
+
+    def forward(self, x):
+        v = x[..., [2, 1, 0]] if self.bgr else x
+        v = (v - torch.tensor(MEAN)) / torch.tensor(STD)
+        return self.net(v.permute(0, 3, 1, 2))
+
+
+def _relu_net(seed=0):
+    torch.manual_seed(seed)
+    net = ReluNet().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def _export_torch(tmp, net, *, bgr=False, layer="auto", input_grads=True, name="m"):
+    from explicam.export.anymodel import ExportConfig, export_any
+    from explicam.export.prologue import Preprocess
+
+    src = tmp / f"{name}.onnx"
+    torch.onnx.export(net, torch.rand(1, 3, H, W), str(src), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["scores"])
+    cfg = ExportConfig(model=str(src), layer=layer, out=str(tmp / name / "model.onnx"), input_grads=input_grads,
+                       pre=Preprocess(mean=list(MEAN), std=list(STD), channels="bgr" if bgr else "rgb"))
+    return export_any(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def torch_ig(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ig")
+    net = _relu_net()
+    res = _export_torch(tmp, net)
+    return FromImage(net), res["onnx"]
+
+
+def _torch_grad(f, x, c):
+    t = torch.tensor(x, requires_grad=True)
+    return torch.autograd.grad(f(t)[:, c].sum(), t)[0].numpy()
+
+
+def test_torch_autograd_through_mean_std_and_bgr(torch_ig, tmp_path):
+    f, path = torch_ig
+    x = _images(4, 3)
+    for c in range(5):
+        got = _side(path).run(["input_grads"], {"image": x, "target": np.full(4, c, np.int64)})[0]
+        assert _rel(got, _torch_grad(f, x, c)) < 1e-5
+    net = _relu_net(1)   # the BGR prologue's Gather
+    res = _export_torch(tmp_path, net, bgr=True, name="bgr")
+    got = _side(res["onnx"]).run(["input_grads"], {"image": x, "target": np.full(4, 2, np.int64)})[0]
+    assert _rel(got, _torch_grad(FromImage(net, bgr=True), x, 2)) < 1e-5
+
+
+def _captum():
+    return pytest.importorskip("captum.attr", reason="the references are Captum's (pip install captum)")
+
+
+def _explainer(path, kernels="numpy"):
+    from explicam.runtime.explainer import Explainer
+
+    return Explainer(path, kernels=kernels, warmup=False)
+
+
+def _u8(x):
+    return np.round(x * 255).astype(np.uint8)
+
+
+def test_saliency_and_guided_backprop_equal_captum(torch_ig):
+    ca = _captum()
+    f, path = torch_ig
+    x = _u8(_images(3, 4)).astype(np.float32) / 255   # what the explainer preprocesses uint8 images to
+    ex = _explainer(path)
+    res = ex.explain(_u8(x), "saliency", target=1)
+    want = ca.Saliency(f).attribute(torch.tensor(x), target=1, abs=False).numpy()
+    assert _rel(res.cams, np.abs(want).max(-1)) < 1e-5
+    guided = ca.GuidedBackprop(f).attribute(torch.tensor(x), target=1).detach().numpy()
+    got = ex.model.input_gradients(x, np.full(3, 1), guided=True)["input_grads"]
+    assert _rel(got, guided) < 1e-5 and not np.allclose(guided, want, atol=1e-3)
+    gg = ex.explain(_u8(x), "guided-gradcam", target=1)
+    grad = ex.explain(_u8(x), "gradcam", target=1)
+    up = ex.upsample(grad.cams)
+    assert _rel(gg.cams, np.abs(guided).max(-1) * up) < 1e-5
+
+
+def test_smoothgrad_equals_captum_noise_tunnel_with_the_same_noise(torch_ig):
+    ca = _captum()
+    f, path = torch_ig
+    x = _u8(_images(2, 5)).astype(np.float32) / 255
+    samples, sigma = 6, 0.15 * float(x.max() - x.min())
+    torch.manual_seed(7)
+    want = ca.NoiseTunnel(ca.Saliency(f)).attribute(torch.tensor(x), nt_type="smoothgrad", nt_samples=samples,
+                                                     stdevs=sigma, target=3, abs=False).numpy()
+    torch.manual_seed(7)   # Captum's draw, repeated: (N * S, H, W, 3), image i's samples together
+    noise = torch.normal(0, torch.tensor(sigma).repeat((2 * samples, H, W, 3))).numpy()
+    res = _explainer(path).explain(_u8(x), "smoothgrad", target=3, smoothgrad_samples=samples,
+                                   smoothgrad_noise_set=noise.reshape(2, samples, H, W, 3))
+    assert _rel(res.cams, np.abs(want).max(-1)) < 1e-4
+    # the seeded default noise: sigma = level * (max - min) of each image, the same for a batch and alone
+    ex = _explainer(path)
+    both = ex.explain(_u8(x), "smoothgrad", smoothgrad_samples=4).cams
+    alone = np.concatenate([ex.explain(_u8(x[i:i + 1]), "smoothgrad", smoothgrad_samples=4).cams for i in range(2)])
+    np.testing.assert_allclose(both, alone, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,captum_method", [("midpoint", "riemann_middle"), ("right", "riemann_right"),
+                                                  ("trapezoid", "riemann_trapezoid")])
+def test_integrated_gradients_equal_captum_and_report_completeness(torch_ig, method, captum_method):
+    ca = _captum()
+    f, path = torch_ig
+    x = _u8(_images(2, 6)).astype(np.float32) / 255
+    steps = 16
+    attr, delta = ca.IntegratedGradients(f).attribute(torch.tensor(x), baselines=torch.zeros_like(torch.tensor(x)),
+                                                      target=0, n_steps=steps, method=captum_method,
+                                                      return_convergence_delta=True)
+    attr, delta = attr.detach().numpy().astype(np.float64), delta.detach().numpy()
+    if method == "trapezoid":   # Captum weighs the steps 1/n, halved at the ends: (n-1)/n of the trapezoid rule
+        attr = attr * steps / (steps - 1)
+    res = _explainer(path).explain(_u8(x), "integrated-gradients", target=0, ig_steps=steps, ig_method=method,
+                                   ig_baseline="black")
+    assert _rel(res.cams, np.maximum(attr.sum(-1), 0)) < 1e-4
+    with torch.no_grad():
+        diff = (f(torch.tensor(x)) - f(torch.zeros_like(torch.tensor(x))))[:, 0].numpy()
+    np.testing.assert_allclose(res.notes["ig_score_difference"], diff, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.notes["ig_sum"], attr.reshape(2, -1).sum(1), rtol=1e-4, atol=1e-5)
+    if method != "trapezoid":
+        np.testing.assert_allclose(res.notes["ig_delta"], delta, rtol=1e-3, atol=1e-5)
+    assert (np.abs(res.notes["ig_delta"]) < 0.1 * np.abs(diff) + 1e-3).all()   # completeness, roughly, at 16 steps
+
+
+def test_more_steps_close_the_completeness_gap(torch_ig):
+    _, path = torch_ig
+    x = _u8(_images(1, 8))
+    ex = _explainer(path)
+    gaps = [abs(float(ex.explain(x, "integrated-gradients", ig_steps=s, ig_baseline="blur").notes["ig_delta"][0]))
+            for s in (4, 64)]
+    assert gaps[1] < gaps[0]
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated-gradients", "guided-gradcam"])
+def test_batch_equals_one_by_one_and_numba_equals_numpy(torch_ig, method):
+    _, path = torch_ig
+    x = _u8(_images(3, 9))
+    opts = {"ig_steps": 4, "ig_baseline": "noise"}
+    numpy_ex, numba_ex = _explainer(path, "numpy"), _explainer(path, "numba")
+    both = numpy_ex.explain(x, method, **opts)
+    alone = [numpy_ex.explain(x[i:i + 1], method, **opts) for i in range(3)]
+    np.testing.assert_allclose(both.cams, np.concatenate([a.cams for a in alone]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(numba_ex.explain(x, method, **opts).heatmaps, both.heatmaps, atol=1e-5)
+    assert both.heatmaps.shape == (3, H, W) and both.cams.shape == (3, H, W)
+
+
+def test_without_input_grads_the_methods_say_how_to_get_them(tmp_path):
+    from explicam.evaluate.evaluate import default_methods
+    from explicam.runtime.methods import MethodError
+
+    res = _export_torch(tmp_path, _relu_net(), input_grads=False, name="plain")
+    ex = _explainer(res["onnx"])
+    for method in ("saliency", "smoothgrad", "integrated-gradients", "guided-gradcam"):
+        with pytest.raises(MethodError, match="re-export the model with --input-grads"):
+            ex.explain(_u8(_images(1)), method)
+    assert not ex.model.has_input_grads and "saliency" not in default_methods("gap", False)
+    with pytest.raises(Exception, match="input gradients"):
+        _explainer_with(res["onnx"], placement="effective")
+
+
+def _explainer_with(path, **kw):
+    from explicam.runtime.explainer import Explainer
+
+    return Explainer(path, warmup=False, **kw)
+
+
+def test_the_side_file_is_checked_and_guided_relu6_is_rectified():
+    """The export's finite-difference check; Clip from 0 (ReLU6) takes the guided rule too."""
+    import io
+
+    from explicam.export.autodiff import export_gradients
+    from explicam.export.input_grads import check_input_grads, input_grads_model
+    from explicam.export.onnx import classifier_only
+    from explicam.export.prologue import Preprocess, add_prologue
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, 1, 1), torch.nn.ReLU6(), torch.nn.Conv2d(6, 6, 3, 2, 1),
+                              torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(6, 3)).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(net, torch.rand(1, 3, 16, 16), buf, dynamo=False, opset_version=17, input_names=["input"])
+    main, _ = export_gradients(buf.getvalue())
+    add_prologue(main, "input", Preprocess(layout="nchw"), (16, 16))
+    side = input_grads_model(classifier_only(main))
+    report, bad = check_input_grads(side)
+    assert not bad and report["input_grads_fd"] < 1e-4
+    x = _images(2, 10, 16, 16) * 3   # values past 6 after the convolutions are likely: both kinks in play
+    s = ort.InferenceSession(side.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain, guided = (s.run(["input_grads"], {"image": x, "guided": np.array([g])})[0] for g in (False, True))
+    # the reference: torch with every ReLU6's backward passing only positive gradients
+    handles = [m.register_full_backward_hook(lambda m, gi, go: (torch.clamp(gi[0], min=0),))
+               for m in net if isinstance(m, torch.nn.ReLU6)]
+    f = lambda t: net(t.permute(0, 3, 1, 2))  # noqa: E731
+    want = _torch_grad(f, x, 0)
+    for h in handles:
+        h.remove()
+    got = s.run(["input_grads"], {"image": x, "target": np.zeros(2, np.int64), "guided": np.array([True])})[0]
+    assert _rel(got, want) < 1e-5 and not np.allclose(plain, guided)
+    assert onnx.checker.check_model(side) is None
