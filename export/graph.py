@@ -293,7 +293,11 @@ def prepare(source, input_size=None, layout: str = "auto", output: str | None = 
             max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Graph:
     """Load and analyse an image classifier (see the module docstring). `input_size` (H, W)
     is required when the file's spatial size is dynamic."""
-    model = load_model(source, max_tensor_bytes)
+    from .fold import fold_constants
+
+    # torch.onnx writes "same" padding as a run-time shape subgraph that shape inference
+    # cannot see through (EfficientNet): fold what is constant first, bit-identical outputs
+    model, _ = fold_constants(load_model(source, max_tensor_bytes))
     if opset_of(model) < 13:
         try:
             model = onnx.version_converter.convert_version(model, 13)

@@ -16,6 +16,7 @@ from explicam import camkernels
 from explicam.runtime.images import heatmap_on_photo
 from explicam.runtime import placement as _placement
 from explicam.runtime.methods import METHODS, CamInputs, MethodError
+from explicam.runtime.methods_input import FEATURE_FREE, INPUT_GRAD_METHODS, input_gradients
 from explicam.runtime.model import OnnxModel
 
 
@@ -122,7 +123,9 @@ class Explainer:
 
     @property
     def methods(self) -> list:
-        return list(METHODS)
+        """The methods this file offers: the input-gradient ones only where the export wrote
+        them (--input-grads; runtime/methods_input.py)."""
+        return [m for m in METHODS if self.model.has_input_grads or m not in INPUT_GRAD_METHODS]
 
     def resolve_targets(self, target, n: int) -> np.ndarray:
         """None -> top-1 (-1); an index or a class name; or one of those per image."""
@@ -156,19 +159,36 @@ class Explainer:
         opts = {"batch_size": max(self.batch_size, 32), "scorecam_topk": self.scorecam_topk, **self.options,
                 **options}
         parts = {m: [] for m in methods}
+        feature_free = self.model.has_input_grads and all(m in FEATURE_FREE for m in methods)
         for start in range(0, len(x), self.batch_size):
             xb, tb = x[start:start + self.batch_size], targets[start:start + self.batch_size]
-            out = self.model.run(xb, tb)
-            layers = [] if self.feature_layer is not None else \
-                [(d, out[d["features"]], out[d["grads"]]) for d in self.model.feature_layers]
-            inputs = CamInputs(out[self.layer["features"]], out[self.layer["grads"]], out["logits"],
-                               out["target_used"].astype(np.int64), xb, self.model, self.k, opts, self.cache,
-                               layers, self.upsample)
+            if feature_free:   # saliency, SmoothGrad, IG alone: no feature map (methods_input.FEATURE_FREE)
+                out = self._feature_free(xb, tb, "saliency" in methods, opts)
+                inputs = CamInputs(None, None, out["logits"], out["target_used"].astype(np.int64), xb, self.model,
+                                   self.k, opts, self.cache, [], self.upsample, input_grads=out.get("input_grads"))
+            else:
+                out = self.model.run(xb, tb)
+                layers = [] if self.feature_layer is not None else \
+                    [(d, out[d["features"]], out[d["grads"]]) for d in self.model.feature_layers]
+                inputs = CamInputs(out[self.layer["features"]], out[self.layer["grads"]], out["logits"],
+                                   out["target_used"].astype(np.int64), xb, self.model, self.k, opts, self.cache,
+                                   layers, self.upsample)
             for m in methods:
                 inputs.notes = {}
                 cams = self.cams(m, inputs)
                 parts[m].append((cams, out["logits"], out["probabilities"], out["target_used"], inputs.notes))
         return {m: self._finish(m, parts[m]) for m in methods}
+
+    def _feature_free(self, x, targets, gradients: bool, opts) -> dict:
+        """logits, probabilities, target_used (and the targets' input gradients when `gradients`)
+        without the main graph: one pass of model.inputgrads.onnx, or of the plain classifier."""
+        if gradients:
+            return input_gradients(self.model, x, targets, batch=opts.get("input_grads_batch"))
+        forward = self.model.forward_session()
+        if forward is None:
+            return self.model.run(x, targets, ["logits", "probabilities", "target_used"])
+        logits, probs = forward.run(["logits", "probabilities"], {self.model.input_name: x})
+        return {"logits": logits, "probabilities": probs, "target_used": np.where(targets < 0, logits.argmax(1), targets)}
 
     def cams(self, method: str, inputs: CamInputs) -> np.ndarray:
         """The method's map at feature resolution, after ReLU: (N, h, w) float32 (a method

@@ -46,6 +46,7 @@ class CamInputs:
     layers: list = field(default_factory=list)
     upsample: object = None    # fn(maps (N, h, w), layer dict or None) -> (N, H, W), the explainer's placement
     notes: dict = field(default_factory=dict)  # per-image figures a method reports ({name: (N,)}: IG completeness)
+    input_grads: np.ndarray | None = None  # (N, H, W, 3) d score / d image of the targets, when already computed
 
 
 @register("cam")

@@ -17,6 +17,9 @@ import numpy as np
 from explicam.runtime.methods import CamInputs, MethodError, register
 
 INPUT_GRAD_METHODS = ("saliency", "smoothgrad", "integrated-gradients", "guided-gradcam")
+# what needs no feature map: when a call asks for these alone the explainer skips the main graph and
+# takes logits and the targets' input gradients from model.inputgrads.onnx (one pass, not two)
+FEATURE_FREE = ("saliency", "smoothgrad", "integrated-gradients")
 SMOOTHGRAD_DEFAULTS = {"smoothgrad_samples": 50, "smoothgrad_noise": 0.15, "smoothgrad_seed": 0}
 IG_DEFAULTS = {"ig_steps": 50, "ig_baseline": "black", "ig_method": "trapezoid", "ig_seed": 0}
 IG_BASELINES = ("black", "white", "blur", "noise")
@@ -32,20 +35,20 @@ def _option(a: CamInputs, name: str, defaults: dict):
     return defaults[name] if value is None else value
 
 
+def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=None) -> dict:
+    """OnnxModel.input_gradients over many images, a few per call (INPUT_GRAD_PIXELS, or `batch`)."""
+    batch = max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(x.shape[1:3]))))
+    parts = [model.input_gradients(x[s:s + batch], targets[s:s + batch], guided) for s in range(0, len(x), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def _gradients(a: CamInputs, method: str, x: np.ndarray, targets, guided: bool = False) -> tuple:
-    """(d logits[target] / d x (M, H, W, 3) float32, logits (M, classes)), a few images per call
-    (INPUT_GRAD_PIXELS)."""
+    """(d logits[target] / d x (M, H, W, 3) float32, logits (M, classes))."""
     if not getattr(a.model, "has_input_grads", False):
         raise MethodError(f"method '{method}' needs input gradients, which this export does not have: "
                           "re-export the model with --input-grads")
-    batch = a.options.get("input_grads_batch") or max(1, INPUT_GRAD_PIXELS // int(np.prod(x.shape[1:3])))
-    batch = max(1, int(batch))
-    grads, logits = [], []
-    for s in range(0, len(x), batch):
-        out = a.model.input_gradients(x[s:s + batch], targets[s:s + batch], guided)
-        grads.append(out["input_grads"])
-        logits.append(out["logits"])
-    return np.concatenate(grads), np.concatenate(logits)
+    out = input_gradients(a.model, x, targets, guided, a.options.get("input_grads_batch"))
+    return out["input_grads"], out["logits"]
 
 
 def channel_max_abs(g: np.ndarray) -> np.ndarray:
@@ -59,7 +62,7 @@ def saliency(a: CamInputs):
     Visualising Image Classification Models and Saliency Maps", ICLR-W 2014, section 3):
     M_ij = max_c |d S_c / d I_ijc|, the class score's gradient with respect to the image
     (pre-softmax score), one forward and one backward pass."""
-    g, _ = _gradients(a, "saliency", a.inputs, a.targets)
+    g = a.input_grads if a.input_grads is not None else _gradients(a, "saliency", a.inputs, a.targets)[0]
     return channel_max_abs(g)
 
 
@@ -153,10 +156,11 @@ def integrated_gradients_attributions(a: CamInputs) -> tuple[np.ndarray, np.ndar
     alphas, weights = ig_schedule(int(_option(a, "ig_steps", IG_DEFAULTS)), _option(a, "ig_method", IG_DEFAULTS))
     attr, f_base = np.empty(a.inputs.shape, np.float64), np.empty(n, np.float64)
     for i in range(n):   # one image's path at a time (all of a batch's would not fit in memory)
-        x, x0 = a.inputs[i].astype(np.float64), base[i].astype(np.float64)
-        path = (x0[None] + alphas[:, None, None, None] * (x - x0)[None]).astype(np.float32)
+        x, x0 = a.inputs[i], base[i].astype(np.float32)
+        path = x0[None] + alphas.astype(np.float32)[:, None, None, None] * (x - x0)[None]
+        path[alphas == 1.0] = x   # the end of the path is the image itself, bit for bit
         g, logits = _gradients(a, "integrated-gradients", path, np.full(len(alphas), a.targets[i]))
-        attr[i] = (x - x0) * np.tensordot(weights, g.astype(np.float64), axes=1)
+        attr[i] = (x - x0).astype(np.float64) * np.tensordot(weights.astype(np.float32), g, axes=1)
         f_base[i] = logits[0, a.targets[i]]
     if alphas[0] != 0.0:   # the baseline is not on the path: its score takes one more pass
         _, base_logits = _gradients(a, "integrated-gradients", base, a.targets)

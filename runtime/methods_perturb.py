@@ -162,10 +162,9 @@ def rise_saliency(model, inputs: np.ndarray, targets, masks: RiseMasks, batch: i
     buf = np.empty((batch, H, W, inputs.shape[3]), np.float32)
     for start in range(0, masks.n, batch):
         m = masks.chunk(start, start + batch)
-        flat = m.reshape(len(m), -1)
         for i in range(n):
             probs = model.probabilities(k.masked_inputs(inputs[i], m, out=buf[:len(m)]), batch)
-            sal[i] += probs[:, targets[i]] @ flat
+            sal[i] += k.mask_weighted_sum(m, probs[:, targets[i]]).reshape(-1)
     return (sal / (masks.n * masks.p)).reshape(n, H, W).astype(np.float32)
 
 

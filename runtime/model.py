@@ -116,8 +116,9 @@ class OnnxModel:
         return bool(self.meta.get("input_grads_file"))
 
     def input_gradients(self, x: np.ndarray, targets, guided: bool = False) -> dict:
-        """{"input_grads": d logits[target] / d image (N, H, W, 3), "logits", "target_used"} from
-        model.inputgrads.onnx for preprocessed images (guided: guided backpropagation's)."""
+        """{"input_grads": d logits[target] / d image (N, H, W, 3), "logits", "probabilities",
+        "target_used"} from model.inputgrads.onnx for preprocessed images (guided: guided
+        backpropagation's)."""
         if self._input_grads is None:
             name = self.meta.get("input_grads_file")
             if not name:
@@ -127,7 +128,7 @@ class OnnxModel:
                 raise ModelError(f"{os.path.join(os.path.dirname(os.path.abspath(self.path)), name)}: missing or from "
                                  f"another export than {os.path.basename(self.path)}; copy the files of one export "
                                  "together, or re-export with --input-grads")
-        names = ["input_grads", "logits", "target_used"]
+        names = ["input_grads", "logits", "probabilities", "target_used"]
         values = self._input_grads.run(names, {self.input_name: np.ascontiguousarray(x, np.float32),
                                                "target": np.asarray(targets, np.int64),
                                                "guided": np.array([bool(guided)])})

@@ -92,3 +92,17 @@ def test_onnx_cell_gradients_equal_tensorflow_on_the_seed_network():
     want = keras_cell_saliency(model, "conv4", x)
     got = cell_saliency(main, x, np.arange(4), np.arange(4))
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_the_command_line_explains_with_input_gradients_and_effective_placement(delta_export, tmp_path):
+    import cv2
+
+    from tests.conftest import run_cli
+
+    photo = (np.random.default_rng(4).random((30, 40, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "p.png"), photo)
+    res = run_cli("explain", tmp_path / "p.png", "--model", delta_export["onnx"], "--out", tmp_path / "o",
+                  "--method", "saliency,integrated-gradients", "--placement", "effective",
+                  "--ig-steps", 4, "--ig-baseline", "blur", "--smoothgrad-samples", 3)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "o" / "p_saliency+integrated-gradients.png").is_file()

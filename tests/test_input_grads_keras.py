@@ -98,7 +98,8 @@ def test_the_randomisation_test_rebuilds_the_side_file_and_the_layers(tmp_path):
                                {"name": "conv3", "layer": "conv3", "features": "features_1", "grads": "grads_1",
                                 "feature_shape": [8, 8, 128], "geometry": None}]}
     images = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
-    stage, path = next(randomised_models(str(tmp_path / "model.onnx"), meta, 0))
+    cascade = randomised_models(str(tmp_path / "model.onnx"), meta, 0)   # its files live while it does
+    stage, path = next(cascade)
     ex = Explainer(path, warmup=False)
     assert ex.explain(images, "saliency").cams.shape == (2, 64, 64)
     assert ex.explain(images, "layercam").cams.shape == (2, 64, 64)   # fused over conv4 and conv3

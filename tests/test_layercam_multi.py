@@ -129,3 +129,19 @@ def test_layers_by_name_and_keras_names_through_the_command_line(tmp_path):
     layers = _meta(path)["feature_layers"]
     assert [d["name"] for d in layers] == ["last", "r1"] and "grads_fd_1" in log
     assert [d["feature_shape"] for d in layers] == [[20, 24, 16], [20, 24, 8]]
+
+
+def test_feature_layer_on_the_command_line(multi, tmp_path):
+    import cv2
+
+    from tests.conftest import run_cli
+
+    _, res = multi
+    cv2.imwrite(str(tmp_path / "p.png"), _u8(_images(1, 14))[0])
+    out = run_cli("explain", tmp_path / "p.png", "--model", res["onnx"], "--out", tmp_path / "o", "--method",
+                  "gradcam", "--feature-layer", "features_2", "--heatmap", "npy")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert np.load(tmp_path / "o" / "p_gradcam_heatmap.npy").shape == (H, W)
+    bad = run_cli("explain", tmp_path / "p.png", "--model", res["onnx"], "--out", tmp_path / "o2", "--feature-layer",
+                  "nope")
+    assert bad.returncode != 0 and "no feature layer 'nope'" in bad.stderr

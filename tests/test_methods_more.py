@@ -381,3 +381,17 @@ def test_the_plain_path_imports_nothing_of_the_export():
             "assert not bad, bad\nprint('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_mask_weighted_sum_kernel_numba_equals_numpy_and_the_plain_sum():
+    from explicam import camkernels
+
+    rng = np.random.default_rng(0)
+    masks, w = rng.random((37, 23, 31), dtype=np.float32), rng.random(37, dtype=np.float32)
+    want = np.einsum("k,khw->hw", w.astype(np.float64), masks.astype(np.float64))
+    nb, npy = (camkernels.get(b).mask_weighted_sum(masks, w) for b in ("numba", "numpy"))
+    assert nb.dtype == np.float32 and nb.shape == (23, 31)
+    np.testing.assert_array_equal(nb, npy)  # same order, same float64 accumulation
+    np.testing.assert_allclose(nb, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="3 weights for 37 masks"):
+        camkernels.mask_weighted_sum(masks, w[:3])
