@@ -22,7 +22,7 @@ from explicam.runtime.explainer import Explainer
 from explicam.runtime.model import session_options
 
 SLOW = {"scorecam", "rise", "smoothgrad", "integrated-gradients"}  # many passes per image: fewer repetitions
-RISE_MASKS = 64  # RISE is timed on this many masks, in 5 rounds; its cost is linear in them ("rise, per mask")
+RISE_MASKS = 64  # RISE is timed on this many masks (its cost is linear in them); "rise, per mask" divides
 # SmoothGrad and Integrated Gradients are timed on this many samples (their cost is linear in them);
 # "..., per sample" divides and compares with saliency (one forward and backward pass) in the same rounds
 GRAD_SAMPLES = 8
@@ -47,6 +47,21 @@ def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds:
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return {name: statistics.median(t) * 1000.0 / n_images for name, t in times.items()}
+
+
+def rise_per_mask(ex: dict, image, plain, x, min_seconds: float) -> dict:
+    """{kernels: (ms per mask, ms per plain forward pass)}: one image explained by RISE on
+    RISE_MASKS masks beside RISE_MASKS plain forward passes of that image (batches of 32,
+    as RISE runs its masked copies), in rounds of a fraction of a second each; the
+    explanation's own main-graph pass counts in (1/RISE_MASKS of the work). Timed apart
+    from the bench batch's row: one RISE call on 32 images lasts long enough for this box's
+    speed to change under it, and the ratio is per image anyway."""
+    x32 = np.ascontiguousarray(np.repeat(x, 32, axis=0))
+    calls = -(-RISE_MASKS // 32)
+    fns = {"forward": lambda: [plain.run(["probabilities"], {"image": x32}) for _ in range(calls)],
+           **{k: (lambda e=e: e.explain(image, "rise", rise_masks=RISE_MASKS)) for k, e in ex.items()}}
+    ms = _interleaved(fns, RISE_MASKS, max(min_seconds, 2.0))
+    return {k: (ms[k], ms["forward"] * RISE_MASKS / (32 * calls)) for k in ex}
 
 
 def plain_forward_session(model_path: str, threads: int | None):
@@ -146,13 +161,9 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                     **{k: (lambda e=e, m=method: e.explain(x_u8, m, **kw)) for k, e in kinds.items()}}
             if method in SAMPLE_OPTIONS:
                 slow["saliency"] = lambda: ex["numba"].explain(x_u8, "saliency")
-            if method == "rise":  # as many plain forward passes as RISE makes, 32 images a call as RISE does
-                x32, calls = np.ascontiguousarray(np.repeat(x[:1], 32, axis=0)), -(-RISE_MASKS * batch // 32)
-                slow["forward x masks"] = lambda: [plain.run(["probabilities"], {"image": x32}) for _ in range(calls)]
             if method == "scorecam" and model.masked_forward() is not None:  # before/after receptive-field crops
                 slow["whole"] = lambda m=method: ex["numba"].explain(x_u8, m, scorecam_crop=False)
-            rounds = (5 if batch <= 4 else 2) if method in SAMPLE_OPTIONS else 5 if method == "rise" else (
-                3 if batch <= 4 else 1)
+            rounds = (5 if batch <= 4 else 2) if method in SAMPLE_OPTIONS else (3 if batch <= 4 else 1)
             ms = _interleaved(slow, batch, 0.0, min_rounds=rounds)
             ms["forward"] /= 10
             label = {"rise": f"rise ({RISE_MASKS} masks)", **{m: f"{m} ({GRAD_SAMPLES} samples)" for m in SAMPLE_OPTIONS}}
@@ -160,8 +171,9 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                 add(label.get(method, method), kernels, batch, ms[kernels], ms["forward"])
             if method in SAMPLE_OPTIONS:  # x forward here reads as "x saliency" (one forward + backward)
                 add(f"{method}, per sample (x saliency)", "numba", batch, ms["numba"] / GRAD_SAMPLES, ms["saliency"])
-            for kernels in ex if method == "rise" else ():  # x forward here reads as "x N forward passes"
-                add("rise, per mask", kernels, batch, ms[kernels] / RISE_MASKS, ms["forward x masks"] / RISE_MASKS)
+            if method == "rise":  # x forward here reads as "x N forward passes": see rise_per_mask
+                for kernels, value in rise_per_mask(ex, x_u8[:1], plain, x[:1], min_seconds).items():
+                    add("rise, per mask", kernels, batch, *value)
             if "whole" in ms:
                 add(f"{method}, whole images", "numba", batch, ms["whole"], ms["forward"])
         for name, fn in (baselines or {}).items():  # apart: TensorFlow's idle threads would slow the other rows
