@@ -115,10 +115,8 @@ def load_eval_set(data: str, size, limit: int | None = None, masks_dir: str | No
     """The validation split (class-balanced prefix of `limit` images), resized to `size`,
     with object masks from the dataset, --masks or --boxes when there are any.
     size: S for a square input squeezed whole; otherwise pass `fit` (OnnxModel.fit: the
-    model's own resize, non-square or shorter-side crop), which images and masks go through
-    alike, so a mask stays on its object."""
-    if fit is not None:
-        return _load_fitted(data, fit, limit, masks_dir, boxes_csv, workers)
+    model's own resize, non-square or shorter-side crop): masks are then made at the
+    photo's resolution and fitted like the photo, so a mask stays on its object."""
     if masks_dir and boxes_csv:
         raise ValueError("give either --masks or --boxes, not both")
     if masks_dir and not os.path.isdir(masks_dir):
@@ -131,17 +129,21 @@ def load_eval_set(data: str, size, limit: int | None = None, masks_dir: str | No
 
     def load(path):
         try:
-            img = read_image(path, min_side=size)
+            img = read_image(path, min_side=size if fit is None else 0)
         except ImageError as exc:
             return None, None, str(exc)
+        at = size if fit is None else img.shape[:2]  # the mask's resolution before fitting
         mask = None
         if boxes is not None:
             found = _box_lookup(boxes, path, ds.root, val_folder)
-            mask = _box_mask(found, img.shape[:2], size) if found else None
+            mask = _box_mask(found, img.shape[:2], at) if found else None
         else:
             mpath = ds.mask_path(path, masks_dir)
-            mask = _read_mask(mpath, size) if mpath else None
-        return resize_rgb(img, size), mask, None
+            mask = _read_mask(mpath, at) if mpath else None
+        if fit is None:
+            return resize_rgb(img, size), mask, None
+        fitted = None if mask is None else fit(np.repeat(mask[..., None] * np.uint8(255), 3, axis=2))[..., 0] > 127
+        return fit(img), fitted, None
 
     with ThreadPoolExecutor(workers) as pool:
         loaded = list(pool.map(load, paths))
@@ -150,56 +152,14 @@ def load_eval_set(data: str, size, limit: int | None = None, masks_dir: str | No
     if not keep:
         raise ValueError(f"no readable validation images in {data}")
     images = np.stack([loaded[i][0] for i in keep])
-    have = [loaded[i][1] is not None for i in keep]
     masks = None
-    if any(have):
-        masks = np.stack([loaded[i][1] if loaded[i][1] is not None else np.zeros((size, size), bool) for i in keep])
-    source = "none" if masks is None else ("--boxes CSV" if boxes is not None else
-                                           "--masks DIR" if masks_dir else "dataset masks")
-    return EvalSet([paths[i] for i in keep], images, ds.val.labels[order][keep].astype(np.int64), masks, source,
-                   skipped, list(ds.class_names), ds.root, val_folder)
-
-
-def _load_fitted(data, fit, limit, masks_dir, boxes_csv, workers) -> EvalSet:
-    """load_eval_set for any preprocessing: masks are made at the photo's resolution, then
-    fitted like the photo (and thresholded)."""
-    ds = find_dataset(data)
-    order = balanced_order(ds.val.labels, limit)
-    paths = [ds.val.paths[i] for i in order]
-    boxes = read_boxes(boxes_csv) if boxes_csv else None
-    val_folder = ds.split_dirs.get("validation")
-
-    def load(path):
-        try:
-            img = read_image(path)
-        except ImageError as exc:
-            return None, None, str(exc)
-        h, w = img.shape[:2]
-        mask = None
-        if boxes is not None:
-            found = _box_lookup(boxes, path, ds.root, val_folder)
-            mask = _box_mask(found, (h, w), (h, w)) if found else None
-        else:
-            mpath = ds.mask_path(path, masks_dir)
-            mask = _read_mask(mpath, (h, w)) if mpath else None
-        fitted = None if mask is None else fit(np.repeat(mask[..., None] * np.uint8(255), 3, axis=2))[..., 0] > 127
-        return fit(img), fitted, None
-
-    with ThreadPoolExecutor(workers) as pool:
-        loaded = list(pool.map(load, paths))
-    keep = [i for i, (img, _, err) in enumerate(loaded) if err is None]
-    if not keep:
-        raise ValueError(f"no readable validation images in {data}")
-    images = np.stack([loaded[i][0] for i in keep])
-    have = [loaded[i][1] is not None for i in keep]
-    masks = None
-    if any(have):
+    if any(loaded[i][1] is not None for i in keep):
         masks = np.stack([loaded[i][1] if loaded[i][1] is not None else np.zeros(images.shape[1:3], bool)
                           for i in keep])
     source = "none" if masks is None else ("--boxes CSV" if boxes is not None else
                                            "--masks DIR" if masks_dir else "dataset masks")
     return EvalSet([paths[i] for i in keep], images, ds.val.labels[order][keep].astype(np.int64), masks, source,
-                   [err for _, _, err in loaded if err], list(ds.class_names), ds.root, val_folder)
+                   skipped, list(ds.class_names), ds.root, val_folder)
 
 
 def habitat_groups(eval_set: EvalSet) -> dict | None:

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .fold import fold_constants
+
 MAX_TENSOR_BYTES = 4 << 30   # one tensor at batch 1; a classifier's largest is a few hundred MB
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16)
@@ -293,10 +295,8 @@ def prepare(source, input_size=None, layout: str = "auto", output: str | None = 
             max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Graph:
     """Load and analyse an image classifier (see the module docstring). `input_size` (H, W)
     is required when the file's spatial size is dynamic."""
-    from .fold import fold_constants
-
-    # torch.onnx writes "same" padding as a run-time shape subgraph that shape inference
-    # cannot see through (EfficientNet): fold what is constant first, bit-identical outputs
+    # torch.onnx writes "same" padding as a run-time shape subgraph shape inference cannot
+    # see through (EfficientNet): constants are folded first (outputs stay bit-identical)
     model, _ = fold_constants(load_model(source, max_tensor_bytes))
     if opset_of(model) < 13:
         try:
