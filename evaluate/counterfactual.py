@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from explicam.runtime.images import ImageError, read_image, resize_rgb
+from explicam.runtime.images import ImageError, read_image
 
 
 def _meta(root: str) -> dict | None:
@@ -34,7 +34,8 @@ def _meta(root: str) -> dict | None:
 
 
 def _predict(model, images, batch_size) -> np.ndarray:
-    return model.probabilities(model.preprocess(np.stack(images)), batch_size).argmax(axis=1)
+    """Top-1 class of photos of any size: model.preprocess fits each as the model's metadata says."""
+    return model.probabilities(model.preprocess(images), batch_size).argmax(axis=1)
 
 
 def counterfactual_accuracy(model, eval_set, preds, batch_size: int = 128, log=print) -> dict | None:
@@ -57,8 +58,7 @@ def counterfactual_accuracy(model, eval_set, preds, batch_size: int = 128, log=p
             if name not in records:
                 continue
             try:
-                images.append(resize_rgb(read_image(os.path.join(eval_set.root, name), min_side=model.input_size),
-                                         model.input_size))
+                images.append(read_image(os.path.join(eval_set.root, name), min_side=max(model.input_hw)))
             except ImageError as exc:
                 log(f"  counterfactual {which}: skipped {exc}")
                 continue
