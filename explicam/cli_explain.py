@@ -64,6 +64,15 @@ def pop_method_options(kw: dict) -> dict:
     return {k: v for k in METHOD_OPTIONS if (v := kw.pop(k, None)) is not None}
 
 
+SEED_OPTIONS = ("rise_seed", "smoothgrad_seed", "ig_seed")  # what explain's --seed draws
+
+
+def pop_explain_options(kw: dict) -> dict:
+    """explain's method options (removed from kw): the set ones, and --seed for every random draw."""
+    seed = kw.pop("seed", None)
+    return {**({} if seed is None else dict.fromkeys(SEED_OPTIONS, int(seed))), **pop_method_options(kw)}
+
+
 def plain_preprocess(kw: dict) -> dict | None:
     """explain's preprocessing options (removed from kw) for a plain ONNX classifier (RISE,
     runtime/plain.py); None when the command line gave none of them."""
@@ -122,7 +131,9 @@ def plain_preprocess(kw: dict) -> dict | None:
 @placement_option
 @feature_layer_option
 @method_options
-@click.option("--seed", "rise_seed", type=int, default=None, help="RISE: seed of the mask set [default: 0].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the random draws: RISE's masks, SmoothGrad's noise, the noise baseline of Integrated "
+                   "Gradients (the same seed, the same heatmaps).")
 @preprocess_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Images on Ray Data (cluster/): --ray (a Ray started here), --ray auto (this machine's "
@@ -156,16 +167,15 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
     if source is not None:
         from explicam.runtime.video import StreamConfig, explain_stream
 
-        if placement or more.get("feature_layer"):
-            raise click.UsageError("--placement and --feature-layer apply to images for now; video and cameras use "
-                                   "the model's default (geometric when the file has geometry, the first layer)")
-        if pop_method_options(more) or plain_preprocess(more):
-            raise click.UsageError("method options (--rise-*, --finercam-*, --reciprocam-mask, --seed) and "
-                                   "preprocessing options apply to images for now")
+        options = pop_explain_options(more)
+        if plain_preprocess(more):
+            raise click.UsageError("preprocessing options (--scale, --mean, ...) apply to images for now; video "
+                                   "and cameras need an explicam export")
         cfg = StreamConfig(model=model_path, method=method, target=target, show=show, output=output, serve=serve,
                            host=host, out=out, token=token, no_token=no_token, certfile=certfile, keyfile=keyfile,
                            max_clients=max_clients, reconnect=reconnect, max_retries=max_retries, alpha=alpha,
-                           colormap=colormap, labels=labels, max_frames=max_frames, threads=threads)
+                           colormap=colormap, labels=labels, max_frames=max_frames, threads=threads,
+                           placement=placement, feature_layer=more.pop("feature_layer", None), options=options)
         res = explain_stream(source, cfg, log=lambda m: click.echo(m, err=True))
         click.echo(stream_summary(res))
         return
@@ -181,13 +191,13 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
         paths, ray_address = ray_sources(paths, ray_address)
     if not paths:
         raise click.UsageError("give images or folders, --video FILE or --webcam [N]")
-    from explicam.runtime.files import FilesConfig, explain_files
+    from explicam.runtime.files import FilesConfig, completeness_line, explain_files
 
     cfg = FilesConfig(model=model_path, out=out, method=method, target=target, top_k=top_k, alpha=alpha,
                       colormap=colormap, side_by_side=side_by_side, heatmap=heatmap, labels=labels,
                       batch_size=batch_size, threads=threads, placement=placement,
                       feature_layer=more.pop("feature_layer", None),
-                      options=pop_method_options(more), preprocess=plain_preprocess(more))
+                      options=pop_explain_options(more), preprocess=plain_preprocess(more))
     if ray_address is not None:  # bulk, on Ray Data: cluster/explain.py
         from explicam.cluster.explain import RayConfig, explain_on_ray, summary_line
 
@@ -207,6 +217,8 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
         click.echo(line, err=True)
     click.echo(f"explained {len(res.images)} image(s) with {', '.join(res.methods)} in {res.seconds:.1f}s: "
                f"overlays and predictions.csv in {res.out}" + (f" ({len(res.skipped)} skipped)" if res.skipped else ""))
+    if (line := completeness_line(res, cfg.options)) is not None:
+        click.echo(line)
     if res.interrupted:
         click.echo("interrupted: the results so far are kept", err=True)
         sys.exit(130)

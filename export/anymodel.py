@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from explicam.export.headgrad import head_side_files
 from explicam.export.more import input_grads_path_for, more_metadata, side_file
 from explicam.export.onnx import (ExportError, classifier_only, forward_path_for, head_model, head_path_for,
                                   set_metadata, write_atomic)
@@ -140,13 +141,18 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     report["prologue"] = _prologue_error(before, main, pre, hw)
     if not report["prologue"] <= 1e-5:
         bad.append(f"prologue differs by {report['prologue']:.2e} (tolerance 1e-05)")
+    head = head_model(main)
+    sides = []   # model.headgrad.onnx, model.recipro.onnx: each must agree with model.onnx and its head
+    if head is not None:
+        sides, checks = head_side_files(main, head, np.random.default_rng(3).random((4, *hw, 3)))
+        report.update(checks)
+        bad += [f"{k} differs by {v:.2e} (tolerance 1e-04)" for k, v in checks.items() if not v <= 1e-4]
     log("self-check with onnxruntime, every check: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     if bad:
         raise ExportError(f"{cfg.model}: the exported graph disagrees with the original, nothing written: "
                           + "; ".join(bad))
 
     info = _info(main)
-    head = head_model(main)
     out = cfg.out or default_out(cfg.model)
     names = read_labels(cfg.labels, info["classes"]) if cfg.labels else [f"class_{i}" for i in range(info["classes"])]
     meta = {
@@ -172,6 +178,7 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
                     "negative target = top-1)",
         "head_file": os.path.basename(head_path_for(out)) if head is not None else "",
         "forward_file": os.path.basename(forward_path_for(out)),
+        **{key: os.path.basename(path_for(out)) for key, path_for, _ in sides},
         "blocks_file": "",
         "blocks": {},
         "export_id": uuid.uuid4().hex,
@@ -189,6 +196,10 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
         set_metadata(head, {"role": "head", "export_id": meta["export_id"]})
         write_atomic(head.SerializeToString(), head_path_for(out))
         written.append(head_path_for(out))
+    for key, path_for, proto in sides:
+        set_metadata(proto, {"role": key[:-len("_file")], "export_id": meta["export_id"]})
+        write_atomic(proto.SerializeToString(), path_for(out))
+        written.append(path_for(out))
     write_atomic(forward.SerializeToString(), forward_path_for(out))
     written.append(forward_path_for(out))
     if side is not None:

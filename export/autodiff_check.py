@@ -40,9 +40,28 @@ def _session(model):
 
 def head_graph(model: onnx.ModelProto, features: str, score: str) -> tuple[onnx.ModelProto, list[str]]:
     """The nodes that compute `score` from `features` (and from graph inputs, for what does
-    not go through the features): (model, its input names)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name: t for t in model.graph.initializer}
+    not go through the features): (model, its input names). A head that reads the image only
+    for its batch size (torch's `n = x.size(0)` ... `f.view(n, -1)`: Shape(image) -> Gather 0)
+    reads it from the features instead, whose axis 0 is the same batch."""
+    nodes, used_inits, inputs = _head_walk(model, features, score, {})
+    if len(inputs) > 1:
+        swapped = _batch_from_features(model, nodes, features)
+        if swapped:
+            nodes, used_inits, inputs = _head_walk(model, features, score, swapped)
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, None)
+                                              for i in inputs],
+                              [helper.make_tensor_value_info(score, onnx.TensorProto.FLOAT, None)],
+                              [t for t in model.graph.initializer if t.name in used_inits])
+    head = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return head, inputs
+
+
+def _head_walk(model, features, score, swapped):
+    """(the nodes score needs back to features, in graph order; their initializers; the
+    inputs), with the nodes in `swapped` (id -> replacement) replaced."""
+    graph_nodes = [swapped.get(id(n), n) for n in model.graph.node]
+    producer = {o: n for n in graph_nodes for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     keep, used_inits, inputs, seen, stack = set(), set(), [features], set(), [score]
     while stack:
@@ -57,13 +76,52 @@ def head_graph(model: onnx.ModelProto, features: str, score: str) -> tuple[onnx.
             stack.extend(producer[name].input)
         elif name in graph_inputs:
             inputs.append(name)
-    nodes = [n for n in model.graph.node if id(n) in keep]
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, None)
-                                              for i in inputs],
-                              [helper.make_tensor_value_info(score, onnx.TensorProto.FLOAT, None)],
-                              [t for t in model.graph.initializer if t.name in used_inits])
-    head = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return head, inputs
+    return [n for n in graph_nodes if id(n) in keep], used_inits, inputs
+
+
+def _batch_from_features(model, nodes, features) -> dict:
+    """{id(Shape node): a copy reading `features`} for the head's Shape nodes of tensors not
+    computed from the features whose every reader takes axis 0 alone (Gather of index 0,
+    Slice [0:1] on axis 0)."""
+    from .graph import constant_values
+
+    values = constant_values(model)
+    derived = {features}
+    for n in nodes:
+        if any(i in derived for i in n.input):
+            derived.update(n.output)
+    readers = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def const(name):
+        v = values.get(name) if name else None
+        return None if v is None else [int(t) for t in np.asarray(v).reshape(-1)]
+
+    def batch_only(r, name):
+        if r.op_type == "Gather" and list(r.input[:1]) == [name] and _attr(r, "axis", 0) == 0:
+            return const(r.input[1]) == [0]
+        if r.op_type == "Slice" and list(r.input[:1]) == [name]:
+            starts, ends = const(r.input[1]), const(r.input[2])
+            axes = const(r.input[3]) if len(r.input) > 3 and r.input[3] else [0]
+            steps = const(r.input[4]) if len(r.input) > 4 and r.input[4] else [1]
+            return starts == [0] and ends == [1] and axes == [0] and steps == [1]
+        return False
+    swapped = {}
+    for n in nodes:
+        if n.op_type != "Shape" or n.input[0] in derived or _attr(n, "start", 0) != 0 or _attr(n, "end", 1) < 1:
+            continue
+        if readers.get(n.output[0]) and all(batch_only(r, n.output[0]) for r in readers[n.output[0]]):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            copy.input[0] = features
+            swapped[id(n)] = copy
+    return swapped
+
+
+def _attr(node, name, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _rel(a, b) -> float:

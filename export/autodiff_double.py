@@ -4,7 +4,9 @@ In float32 a central difference is good to about 1e-2 on a deep head: small step
 in rounding, large ones cross ReLU kinks and max-pool near-ties. In float64 steps of 1e-7
 resolve both, so the check can ask for 1e-4. onnxruntime lacks some ops in double; those
 are written with ops it has: Conv as one MatMul per kernel offset (grouped), HardSigmoid,
-HardSwish, Softplus and Elu elementwise, GlobalAveragePool / GlobalMaxPool as reductions.
+HardSwish, Softplus and Elu elementwise, GlobalAveragePool / GlobalMaxPool as reductions,
+InstanceNormalization from its formula, Resize as one MatMul per resized axis with the
+matrices the gradient rule measures (autodiff_extra._resize_matrices).
 A head with any other op that has no double kernel makes the session fail, and the check
 falls back to float32 and its looser tolerance.
 """
@@ -17,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .autodiff_nn import _begin_pads
+from .graph import constant_values
 
 F32, F64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
@@ -92,6 +95,41 @@ def _average_pool(w, node, shapes, opset):
     w.op("Mul", summed, w.const(weights[None, None].astype(np.float64)), out=y)
 
 
+def _instance_norm(w, node, shapes):
+    x, y = node.input[0], node.output[0]
+    rank = len(shapes[x])
+    axes, count = w.const(list(range(2, rank)), np.int64), float(np.prod(shapes[x][2:]))
+
+    def mean(t):
+        return w.op("Mul", w.op("ReduceSum", t, axes, keepdims=1), w.const(1.0 / count))
+    d = w.op("Sub", x, mean(x))
+    std = w.op("Sqrt", w.op("Add", mean(w.op("Mul", d, d)), w.const(_attr(node, "epsilon", 1e-5))))
+    per_c = w.const([-1] + [1] * (rank - 2), np.int64)
+    scaled = w.op("Mul", w.op("Div", d, std), w.op("Reshape", node.input[1], per_c))
+    w.op("Add", scaled, w.op("Reshape", node.input[2], per_c), out=y)
+
+
+def _resize(w, node, shapes, values, opset):
+    """y = M_a x along each resized axis a (the matrices onnxruntime's own Resize applies)."""
+    from types import SimpleNamespace
+
+    from .autodiff_extra import _resize_matrices
+
+    b = SimpleNamespace(shape=lambda n: tuple(shapes[n]), value=values.get, opset=opset)
+    t, rank = node.input[0], len(shapes[node.input[0]])
+    for a, mat in sorted(_resize_matrices(b, node).items()):
+        mat = mat.astype(np.float64)
+        if a == rank - 1:
+            t = w.op("MatMul", t, w.const(mat.T))
+        elif a == rank - 2:
+            t = w.op("MatMul", w.const(mat), t)
+        else:
+            perm = [k for k in range(rank) if k != a] + [a]
+            t = w.op("Transpose", w.op("MatMul", w.op("Transpose", t, perm=perm), w.const(mat.T)),
+                     perm=[int(k) for k in np.argsort(perm)])
+    w.op("Identity", t, out=node.output[0])
+
+
 def _initializer(name, inits, producer):
     """An initializer's value, through the Identity nodes torch puts on shared weights."""
     while name not in inits and name in producer and producer[name].op_type == "Identity":
@@ -105,6 +143,7 @@ def as_double(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     producer = {o: n for n in m.graph.node for o in n.output}
+    values = constant_values(m)
     nodes = []
     for node in m.graph.node:
         w, y = _Writer(m, node.output[0]), node.output[0]
@@ -125,6 +164,10 @@ def as_double(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
         elif op == "Elu":
             low = w.op("Mul", w.op("Sub", w.op("Exp", x), w.const(1.0)), w.const(_attr(node, "alpha", 1.0)))
             w.op("Where", w.op("Greater", x, w.const(0.0)), x, low, out=y)
+        elif op == "InstanceNormalization" and shapes.get(x) is not None:
+            _instance_norm(w, node, shapes)
+        elif op == "Resize" and shapes.get(x) is not None and shapes.get(y) is not None:
+            _resize(w, node, shapes, values, opset)
         elif op in ("GlobalAveragePool", "GlobalMaxPool"):
             reduce = "ReduceMean" if op == "GlobalAveragePool" else "ReduceMax"
             if opset >= 18:

@@ -51,10 +51,38 @@ def _geometry(b, node, kernel):
     return dict(strides=strides, dilations=dil, pads=pads, output_padding=extra)
 
 
+def _flipped_conv(b, node, g):
+    """A stride-1 convolution's input gradient as a Conv of g with the weights flipped in space
+    and transposed within each group: dX[i] = sum_t g[i + pb - t d] W[t]. onnxruntime's Conv
+    runs this several times faster than its ConvTranspose (measured on EfficientNet-Lite0's
+    depthwise and 1x1 convolutions: 44% of the input-gradient pass went to ConvTranspose).
+    None when it does not apply (strides, non-constant weights, padding beyond the kernel)."""
+    w = b.value(node.input[1])
+    xs, ys = b.shape(node.input[0]), b.shape(node.output[0])
+    n = len(xs) - 2
+    strides, dil = list(attr(node, "strides", [1] * n)), list(attr(node, "dilations", [1] * n))
+    if w is None or any(s != 1 for s in strides):
+        return None
+    kernel = list(w.shape[2:])
+    begin = _begin_pads(node, xs[2:], ys[2:], kernel, strides, dil)
+    ends = [o - i - pb + (k - 1) * d for i, o, k, d, pb in zip(xs[2:], ys[2:], kernel, dil, begin)]
+    pads = [(k - 1) * d - p for k, d, p in zip(kernel, dil, begin)] + [(k - 1) * d - p for k, d, p in zip(kernel, dil, ends)]
+    if any(p < 0 for p in pads):
+        return None
+    groups = attr(node, "group", 1)
+    m, cg = w.shape[:2]
+    wt = w.reshape(groups, m // groups, cg, *kernel).swapaxes(1, 2).reshape(groups * cg, m // groups, *kernel)
+    wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
+    return b.op("Conv", g, b.const(wt), group=groups, dilations=dil, pads=pads)
+
+
 @rule("Conv")
 def conv(b, node, gy, need):
     _only_first(node, need)
     w = node.input[1]
+    flipped = _flipped_conv(b, node, gy[0])
+    if flipped is not None:
+        return _none(node, flipped)
     geo = _geometry(b, node, b.shape(w)[2:])
     return _none(node, b.op("ConvTranspose", gy[0], w, group=attr(node, "group", 1), **geo))
 

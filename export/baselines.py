@@ -45,9 +45,11 @@ def preprocess_of(meta: dict):
 
 
 def original_forward(model_path: str, given: str | None = None, threads: int | None = None, log=print):
-    """(row name, bind) for run_bench's `original`, or None when there is no original ONNX
-    file to time. bind(x) preprocesses the batch x (explicam's input: (N, H, W, 3) RGB in
-    [0, 1]) the original's way once and returns the zero-argument call that is timed."""
+    """(row name, bind, bind_photos) for run_bench's `original`, or None when there is no
+    original ONNX file to time. bind(x) preprocesses the batch x (explicam's input: (N, H, W,
+    3) RGB in [0, 1]) the original's way once and returns the zero-argument call that is
+    timed; bind_photos(uint8 images, to_input) returns a call that also times that
+    preprocessing, as every explanation row times explicam's."""
     import onnxruntime as ort
 
     from explicam.runtime.model import OnnxModel, session_options
@@ -74,8 +76,17 @@ def original_forward(model_path: str, given: str | None = None, threads: int | N
         if fixed_one and len(xp) > 1:
             return lambda: [session.run(None, {inp.name: xp[i:i + 1]}) for i in range(len(xp))]
         return lambda: session.run(None, {inp.name: xp})
+    def bind_photos(images, to_input):
+        """The same file from RGB uint8 photos, as its user runs it: the crop and resize
+        (`to_input`: the export's own, explicam's preprocess) and the file's normalisation in numpy, timed."""
+        def call():
+            xp = pre.numpy(to_input(images))
+            if fixed_one and len(xp) > 1:
+                return [session.run(None, {inp.name: xp[i:i + 1]}) for i in range(len(xp))]
+            return session.run(None, {inp.name: xp})
+        return call
     log(f"  original ONNX file: {path}")
-    return "forward, original file", bind
+    return "forward, original file", bind, bind_photos
 
 
 STAND_IN = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops")

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .autodiff import Builder, add_target, backward, measure_shapes
+from .autodiff import Builder, add_target, backward, measure_shapes, target_seed
 from .autodiff_more import guided_rules
 from .graph import FLOAT_TYPES, float_dependents, infer_shapes, opset_of
 
@@ -38,13 +38,14 @@ OUTPUT, GUIDED, CELL_SEED, CELL_GRADS = "input_grads", "guided", "cell_seed", "c
 F32 = onnx.TensorProto.FLOAT
 
 
-def _builder(model, image: str, hw) -> Builder:
-    """A Builder over `model` with every float tensor's shape as onnxruntime gives it at batch 1."""
+def builder_at(model, name: str, shape) -> Builder:
+    """A Builder over `model` with every float tensor's shape as onnxruntime gives it when the
+    input `name` is fed random values of `shape` (batch 1)."""
     inferred, dtypes = infer_shapes(model)
-    dep = float_dependents(model.graph.node, [image], dtypes)
+    dep = float_dependents(model.graph.node, [name], dtypes)
     names = [o for n in model.graph.node for o in n.output if o in dep and dtypes.get(o, F32) in FLOAT_TYPES]
-    feeds = {image: np.random.default_rng(0).random((1, *hw, 3), dtype=np.float32)}
-    shapes = {**{k: v for k, v in inferred.items() if v is not None}, image: (1, *hw, 3),
+    feeds = {name: np.random.default_rng(0).random(tuple(shape), dtype=np.float32)}
+    shapes = {**{k: v for k, v in inferred.items() if v is not None}, name: tuple(shape),
               **measure_shapes(model, names, feeds, dtypes)}
     return Builder(model, shapes, dtypes, opset_of(model))
 
@@ -61,12 +62,13 @@ def input_grads_model(forward: onnx.ModelProto) -> onnx.ModelProto:
     del model.metadata_props[:]
     hw = _image_hw(model)
     nodes = list(model.graph.node)
-    b = _builder(model, "image", hw)
+    b = builder_at(model, "image", (1, *hw, 3))
     classes = int(b.shape("logits")[1])
-    seed = add_target(b, model, "logits", classes)
+    b.wrts = {"image"}
+    start, seed = target_seed(b, "logits", add_target(b, model, "logits"), classes)
     model.graph.initializer.append(numpy_helper.from_array(np.array([False]), GUIDED))
     model.graph.input.append(helper.make_tensor_value_info(GUIDED, onnx.TensorProto.BOOL, [1]))
-    grad = backward(b, nodes, "image", "logits", seed, rules=guided_rules(GUIDED))
+    grad = backward(b, nodes, "image", start, seed, rules=guided_rules(GUIDED))
     b.node("Identity", [grad], [OUTPUT])
     model.graph.output.extend([helper.make_tensor_value_info("target_used", onnx.TensorProto.INT64, ["N"]),
                                helper.make_tensor_value_info(OUTPUT, F32, ["N", *hw, 3])])
@@ -158,7 +160,7 @@ def cell_gradient_model(main: onnx.ModelProto, features: str = "features") -> on
     del model.graph.input[:]
     model.graph.input.append(helper.make_tensor_value_info("image", F32, ["N", *hw, 3]))
     nodes = list(model.graph.node)
-    b = _builder(model, "image", hw)
+    b = builder_at(model, "image", (1, *hw, 3))
     fshape = b.shape(features)
     model.graph.input.append(helper.make_tensor_value_info(CELL_SEED, F32, ["N", *fshape[1:]]))
     grad = backward(b, nodes, "image", features, CELL_SEED)

@@ -33,7 +33,7 @@ def add_prologue(proto, original_input: str, pre: Preprocess, hw) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     g = proto.graph
-    scale, mean, std = pre.constants()
+    a, b = pre.affine()
     nodes, x = [], IMAGE
 
     def const(name, value):
@@ -50,11 +50,10 @@ def add_prologue(proto, original_input: str, pre: Preprocess, hw) -> None:
         op("Gather", [x, const("bgr", np.array([2, 1, 0], np.int64))], "bgr", axis=3)
     elif pre.channels == "gray":
         op("MatMul", [x, const("grey", np.asarray(GREY, np.float32)[:, None])], "grey")
-    op("Mul", [x, const("scale", scale)], "scale")
-    if np.any(mean != 0):
-        op("Sub", [x, const("mean", mean)], "mean")
-    if np.any(std != 1):
-        op("Div", [x, const("std", std)], "std")
+    if np.any(a != 1):
+        op("Mul", [x, const("scale", a)], "scale")
+    if np.any(b != 0):
+        op("Add", [x, const("shift", b)], "shift")
     if pre.layout == "nchw":
         op("Transpose", [x], "nchw", perm=[0, 3, 1, 2])
     else:

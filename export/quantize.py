@@ -25,6 +25,8 @@ import time
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from explicam.export.headgrad import headgrad_path_for
+from explicam.export.recipro import recipro_path_for
 from explicam.export.onnx import ExportError, head_path_for
 
 FLOAT_AFTER = "features"        # the output where quantization stops
@@ -243,7 +245,10 @@ def quantize_model(onnx_path: str, summary: dict, log=print, calib_images: int =
     # Ablation-CAM re-runs the head alone; the INT8 file reuses the FP32 head graph.
     head = os.path.relpath(os.path.abspath(head_path_for(onnx_path)), out_dir)
     data = quantize_to_bytes(onnx_path, calib.astype(np.float32) / 255.0,
-                             {"quantization": DESCRIPTION, "head_file": head, "forward_file": "", "blocks_file": ""})
+                             {"quantization": DESCRIPTION, "head_file": head, "forward_file": "", "blocks_file": "",
+                              **{key: os.path.relpath(os.path.abspath(path_for(onnx_path)), out_dir)
+                                 for key, path_for in (("headgrad_file", headgrad_path_for),
+                                                       ("recipro_file", recipro_path_for))}})
     os.makedirs(out_dir, exist_ok=True)
     tmp = out + ".partial"
     try:

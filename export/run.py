@@ -9,6 +9,7 @@ import numpy as np
 
 from explicam.export.blocks import build_blocks
 from explicam.export.geometry import geometry_for_metadata
+from explicam.export.headgrad import head_side_files
 from explicam.export.more import input_grads_path_for, more_metadata, side_file
 from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
                          head_path_for, load_keras_model, make_metadata, set_metadata, write_atomic)
@@ -178,6 +179,8 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
         images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
         source = "random images (the run's dataset was not found)"
     meta.update(more_metadata(main, [layer, *extra_layers], input_grads, images[:4], source, out, log))
+    sides, checks = head_side_files(main, head, images)   # each must agree with model.onnx and its head
+    meta.update({key: os.path.basename(path_for(out)) for key, path_for, _ in sides})
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()
@@ -190,6 +193,7 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
 
     report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes, blocks_bytes, geometry,
                           extra_layers, side_bytes)
+    report.update(checks)
     log(f"parity on {len(images)} {source}, every class: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     bad = failures(report)
     if bad:
@@ -199,6 +203,10 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     write_atomic(head_bytes, head_path_for(out))
     write_atomic(forward_bytes, forward_path_for(out))
     written = [head_path_for(out), forward_path_for(out)]
+    for key, path_for, proto in sides:
+        set_metadata(proto, {"role": key[:-len("_file")], "export_id": meta["export_id"]})
+        write_atomic(proto.SerializeToString(), path_for(out))
+        written.append(path_for(out))
     if side_bytes:
         write_atomic(side_bytes, input_grads_path_for(out))
         written.append(input_grads_path_for(out))

@@ -101,9 +101,11 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
               min_seconds: float = 1.0, log=print, baselines: dict | None = None, original=None) -> dict:
     """Measure everything on the same images; returns {"rows": [...], "settings": {...}}.
     baselines: {row name: fn(preprocessed batch)}, timed apart against the forward pass.
-    original: (row name, bind) for the user's original ONNX file (export/baselines.py):
-    bind(preprocessed batch) -> the call to time, interleaved with the methods; every row
-    then also gets its ratio to it ("x original")."""
+    original: (row name, bind[, bind_photos]) for the user's original ONNX file
+    (export/baselines.py): bind(preprocessed batch) -> the call to time, interleaved with the
+    methods; every row then also gets its ratio to it ("x original"). bind_photos(uint8
+    batch, preprocess) -> the same file's call with its preprocessing from the photos timed
+    too (its own row: what a user who runs the original on photos pays)."""
     ex = {"numba": Explainer(model_path, kernels="numba", threads=threads),
           "numpy": Explainer(model_path, kernels="numpy", threads=threads)}
     model = ex["numba"].model
@@ -138,6 +140,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         fast = {("forward (onnxruntime)", "-"): forward}
         if original is not None:
             fast[(original[0], "-")] = original[1](x)
+            if len(original) > 2:   # the same, from the uint8 photos: the preprocessing timed, as explain's is
+                fast[(original[0] + ", from the photos", "-")] = original[2](x_u8, model.preprocess)
         if q is not None:
             fast[("forward INT8", "-")] = lambda: q.model.run(x, np.full(batch, -1), ["probabilities"])
             fast[("gradcam INT8", q.kernels)] = lambda: q.explain(x_u8, "gradcam")

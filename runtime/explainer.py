@@ -172,7 +172,8 @@ class Explainer:
                     [(d, out[d["features"]], out[d["grads"]]) for d in self.model.feature_layers]
                 inputs = CamInputs(out[self.layer["features"]], out[self.layer["grads"]], out["logits"],
                                    out["target_used"].astype(np.int64), xb, self.model, self.k, opts, self.cache,
-                                   layers, self.upsample)
+                                   layers, self.upsample, primary=self.layer is self.model.feature_layers[0],
+                                   grads_output=self.layer["grads"])
             for m in methods:
                 inputs.notes = {}
                 cams = self.cams(m, inputs)

@@ -28,6 +28,7 @@ DECODE_MIN_SIDE = 512       # huge JPEGs decode at reduced scale but keep >= 102
 DISPLAY_MIN_SIDE = 128      # smaller photos are enlarged (integer factor, nearest) so labels fit on them
 BATCH_PIXELS = 48_000_000   # photo pixels held at once, whatever the batch size (~150 MB)
 GRID_HEIGHT = 384           # tiles of a several-method grid are at most this tall
+IG = "integrated-gradients"  # its rows in predictions.csv carry its completeness error (ig_completeness)
 # a method's trial run needs no full mask, channel, noise or path set
 PROBE_OPTIONS = {"rise_masks": 2, "scorecam_topk": 1, "smoothgrad_samples": 1, "ig_steps": 2}
 
@@ -47,6 +48,7 @@ class FilesResult:
     written: list = field(default_factory=list)    # their overlay / grid files, in the same order
     skipped: list = field(default_factory=list)    # one-line messages naming the file
     notes: list = field(default_factory=list)
+    completeness: list = field(default_factory=list)  # integrated-gradients: each image's relative completeness error
     total: int = 0
     seconds: float = 0.0
     interrupted: bool = False
@@ -161,7 +163,7 @@ class Writer:
         cols = ["file"]
         for i in range(1, self.top_k + 1):
             cols += [f"class_{i}", f"prob_{i}"]
-        return cols + ["method", "target", "output"]
+        return cols + ["method", "target", "output"] + (["ig_completeness"] if IG in self.methods else [])
 
     def write(self, item: Item, photo: np.ndarray, results: dict, i: int) -> tuple[str, list]:
         """Write the image's files; returns (overlay path, CSV rows)."""
@@ -195,7 +197,11 @@ class Writer:
         for m in self.methods if self.heatmap else ():
             self._save_heatmap(f"{base}_{m}_heatmap", results[m].heatmaps[i])
         row = [item.path] + [v for name, p in top for v in (name, f"{p:.6f}")]
-        return path, [row + [m, target, os.path.relpath(path, self.out)] for m in self.methods]
+        rows = [row + [m, target, os.path.relpath(path, self.out)] for m in self.methods]
+        if IG in self.methods:  # |sum(attributions) - (F(x) - F(x'))| / |F(x) - F(x')|, on the IG row
+            rows = [r + [f"{results[IG].notes['ig_completeness'][i]:.6g}" if m == IG else ""]
+                    for r, m in zip(rows, self.methods)]
+        return path, rows
 
     def _save_heatmap(self, base: str, heat: np.ndarray) -> None:
         if self.heatmap == "png":
@@ -331,3 +337,17 @@ def _explain_batch(explainer, writer, batch, methods, target, rows, result) -> N
         rows.writerows(lines)
         result.written.append(path)
         result.images.append(item.path)
+        if IG in methods:
+            result.completeness.append(float(results[IG].notes["ig_completeness"][i]))
+
+
+def completeness_line(result: FilesResult, options: dict) -> str | None:
+    """The console's summary of Integrated Gradients' completeness (None when it did not run)."""
+    from explicam.runtime.methods_input import IG_DEFAULTS
+
+    if not result.completeness:
+        return None
+    steps = options.get("ig_steps") or IG_DEFAULTS["ig_steps"]
+    return (f"integrated-gradients completeness: max |sum(attr) - (f(x)-f(x0))| / |f(x)-f(x0)| = "
+            f"{100 * max(result.completeness):.3g}% (median {100 * float(np.median(result.completeness)):.3g}%) over "
+            f"{len(result.completeness)} image(s) (steps {steps}); per image in predictions.csv, ig_completeness")

@@ -47,6 +47,8 @@ class CamInputs:
     upsample: object = None    # fn(maps (N, h, w), layer dict or None) -> (N, H, W), the explainer's placement
     notes: dict = field(default_factory=dict)  # per-image figures a method reports ({name: (N,)}: IG completeness)
     input_grads: np.ndarray | None = None  # (N, H, W, 3) d score / d image of the targets, when already computed
+    primary: bool = True       # features/grads are the file's primary layer (the one its side files read)
+    grads_output: str = "grads"  # model.onnx's output that holds `grads` (features_1's are grads_1 ...)
 
 
 @register("cam")
@@ -123,8 +125,9 @@ def finercam(a: CamInputs):
     d S / d A is a sum of k + 1 class gradients; the authors differentiate through them too,
     which would need every class's gradient (with finercam_k=1 they agree: the one weight
     p / (p + 1e-9) is constant to within 1e-9 / p).
-    Gradients are linear in the target: the main graph runs once more per reference class
-    (all images and references in one batch), no new graph."""
+    Gradients are linear in the seed: one pass of the head's gradient graph seeded with S
+    (model.headgrad.onnx) gives d S / d A; an export without that file runs the main graph
+    once more per reference class (all images and references in one batch)."""
     n = len(a.targets)
     refs = finercam_references(a.logits, a.targets, a.options.get("finercam_k", 3))
     alpha = float(a.options.get("finercam_alpha", 1.0))
@@ -136,10 +139,17 @@ def finercam(a: CamInputs):
     w = np.take_along_axis(p, refs, axis=1)
     w /= w.sum(axis=1, keepdims=True) + 1e-9
     k = refs.shape[1]
+    if a.primary:   # one pass of model.headgrad.onnx, seeded with S itself
+        seed = np.zeros(a.logits.shape, np.float64)
+        seed[np.arange(n), a.targets] = w.sum(axis=1)
+        np.add.at(seed, (np.repeat(np.arange(n), k), refs.reshape(-1)), -alpha * w.reshape(-1))
+        grads = a.model.head_grads(a.features, seed)
+        if grads is not None:
+            return a.k.channel_mean(grads)
     reps = np.repeat(np.arange(n), k)
     batch = int(a.options.get("batch_size", 32))
-    g_refs = np.concatenate([a.model.run(a.inputs[reps[s:s + batch]], refs.reshape(-1)[s:s + batch], ["grads"])["grads"]
-                             for s in range(0, n * k, batch)])
+    g_refs = np.concatenate([a.model.run(a.inputs[reps[s:s + batch]], refs.reshape(-1)[s:s + batch],
+                                         [a.grads_output])[a.grads_output] for s in range(0, n * k, batch)])
     ref_w = a.k.channel_mean(g_refs).reshape(n, k, -1).astype(np.float64)
     target_w = a.k.channel_mean(a.grads).astype(np.float64)
     return (w.sum(axis=1, keepdims=True) * target_w - alpha * np.einsum("nk,nkc->nc", w, ref_w)).astype(np.float32)

@@ -178,10 +178,13 @@ def integrated_gradients(a: CamInputs):
     The map is the attributions summed over the colour channels (signed: the explainer's ReLU
     keeps the evidence for the class). Completeness (the paper's axiom: the attributions add up
     to F(x) - F(x')) is reported per image in Explanation.notes: ig_sum, ig_score_difference,
-    ig_delta = ig_sum - ig_score_difference (Captum's convergence delta); more steps shrink it."""
+    ig_delta = ig_sum - ig_score_difference (Captum's convergence delta), ig_completeness =
+    |ig_delta| / |ig_score_difference| (the relative error `explain` writes); more steps shrink it."""
     attr, f_x, f_base = integrated_gradients_attributions(a)
     total = attr.reshape(len(attr), -1).sum(axis=1)
-    a.notes.update(ig_sum=total, ig_score_difference=f_x - f_base, ig_delta=total - (f_x - f_base))
+    delta = total - (f_x - f_base)
+    a.notes.update(ig_sum=total, ig_score_difference=f_x - f_base, ig_delta=delta,
+                   ig_completeness=np.abs(delta) / np.maximum(np.abs(f_x - f_base), 1e-12))
     return attr.sum(axis=-1).astype(np.float32)
 
 

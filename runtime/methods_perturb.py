@@ -82,12 +82,17 @@ def reciprocam(a: CamInputs):
     code cited by the paper and OpenVINO-XAI's CNN Recipro-CAM use it) or "gaussian" (the
     authors' first implementation: the position's features spread over its 3x3 neighbourhood
     with weights 1/4, 1/8, 1/16). `reciprocam_batch`: masked maps per head call (default
-    RECIPRO_BATCH; 0: all h*w at once)."""
+    RECIPRO_BATCH; 0: all h*w at once). With the one-hot mask, an export whose head begins
+    with a pooling or Flatten + dense layer has model.recipro.onnx (export/recipro.py): the
+    same scores from the features alone, no masked maps written."""
     if not a.model.meta.get("head_file"):
         raise MethodError("method 'reciprocam' runs masked feature maps through the head graph (model.head.onnx), "
                           "and this export has none (its head also reads the image); use another method")
     mask = a.options.get("reciprocam_mask") or "onehot"
     h, w = a.features.shape[1:3]
+    fast = a.model.recipro(a.features) if mask == "onehot" and a.primary else None
+    if fast is not None:   # model.recipro.onnx: the same scores without the h*w masked maps
+        return fast[np.arange(len(a.targets)), :, a.targets].reshape(-1, h, w)
     key = ("reciprocam", h, w, mask)
     if key not in a.cache:
         a.cache[key] = mosaic_entries(h, w, mask)

@@ -91,6 +91,8 @@ class OnnxModel:
         self.kernel = meta.get("kernel")
         self.input_name = meta.get("input_name", "image")
         self._head = None
+        self._headgrad = None  # model.headgrad.onnx's session, opened on first use; False: none
+        self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
         self._input_grads = None  # model.inputgrads.onnx's session (export --input-grads), opened on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
         self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
@@ -151,8 +153,8 @@ class OnnxModel:
             img = np.asarray(img)
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {img.dtype} {img.shape}")
-            out[i] = self.fit(img)
-        out *= (hi - lo) / 255.0
+            # uint8 -> float and the scaling in one pass
+            np.multiply(self.fit(img), np.float32((hi - lo) / 255.0), out=out[i])
         if lo:
             out += lo
         return out
@@ -239,6 +241,34 @@ class OnnxModel:
                 raise ModelError(f"{path}: belongs to another export than {self.path} (export_id differs); "
                                  "copy the files of one export together, or re-export")
         return self._head.run([output], {"features": np.ascontiguousarray(features, np.float32)})[0]
+
+
+    def head_grads(self, features: np.ndarray, seed: np.ndarray):
+        """d sum_c seed[n, c] logits[n, c] / d features (N, h, w, C) through the head alone
+        (model.headgrad.onnx: Finer-CAM's score combinations in one cheap pass), or None when
+        the export wrote no such file (older exports, heads that read the image): the caller
+        then runs model.onnx once per class instead."""
+        if self._headgrad is None:
+            name = self.meta.get("headgrad_file")
+            self._headgrad = (self._side_file(name) if name else None) or False
+        if not self._headgrad:
+            return None
+        return self._headgrad.run(["grads"], {"features": np.ascontiguousarray(features, np.float32),
+                                              "seed": np.ascontiguousarray(seed, np.float32)})[0]
+
+
+    def recipro(self, features: np.ndarray, chunk: int = 8):
+        """(N, h*w, classes): the head's softmax scores of each position's one-hot masked map
+        (model.recipro.onnx, Recipro-CAM without writing the maps), or None when the export
+        has no such file (a head of another shape, an older export)."""
+        if self._recipro is None:
+            name = self.meta.get("recipro_file")
+            self._recipro = (self._side_file(name) if name else None) or False
+        if not self._recipro:
+            return None
+        f = np.ascontiguousarray(features, np.float32)
+        return np.concatenate([self._recipro.run(["recipro"], {"features": f[s:s + chunk]})[0]
+                               for s in range(0, len(f), chunk)])
 
 
 def newest_model(pattern: str = "runs/*/model.onnx") -> str:

@@ -136,6 +136,7 @@ def test_bench_times_the_original_file_and_pytorch_grad_cam_beside_the_methods(l
             for r in (line.split("|")[1:-1] for line in text.splitlines()[2:] if line.startswith("| "))}
     for batch in (1, 2):
         assert rows[("forward, original file", batch)][2] == 1.0
+        assert rows[("forward, original file, from the photos", batch)][0] > 0
         assert rows[("gradcam", batch)][2] > 0
         if HAVE_GRADCAM:
             assert rows[("pytorch-grad-cam GradCAM (torch)", batch)][0] > 0

@@ -1,12 +1,13 @@
 """What one video stream is asked to do (`cli.py explain --webcam/--video ...`), in one value.
 
-StreamConfig gathers the options of the explain loop, its sinks, the live server's access
+StreamConfig gathers the options of the explain loop (method, placement, feature layer and
+method options, as runtime/files.py's FilesConfig has them), its sinks, the live server's access
 rules and the network camera's reconnection, and checks them before anything opens: a bad
 option is one line naming it, said before the camera or the model is touched.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from explicam.runtime.video.access import resolve_token, tls_context
 from explicam.runtime.video.capture import Reconnect, Source
@@ -20,6 +21,10 @@ class StreamConfig:
     model: str | None = None          # ONNX model [default: the newest runs/*/model.onnx]
     method: str = "gradcam"
     target: object = None             # class name or index [default: top-1]
+    # how it is explained: the Explainer's own options, as FilesConfig has them (runtime/files.py)
+    placement: str | None = None      # geometric / naive / effective [default: the model's, runtime/placement.py]
+    feature_layer: str | None = None  # which feature layer single-layer methods read (export --layer a,b)
+    options: dict = field(default_factory=dict)  # method options: rise_masks, finercam_k, ... (runtime/methods*.py)
     # where the frames go
     show: bool = False
     output: str | None = None         # a video file

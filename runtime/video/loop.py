@@ -103,9 +103,11 @@ class Workers:
             outbox.put(self.end or End("stopped"))
 
 
-def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, stop: threading.Event,
+def _explain_thread(explainer, cfg: StreamConfig, inbox: Mailbox, outbox: Mailbox, stop: threading.Event,
                     group: Workers):
-    """Explain the frames the capture hands over until an End comes through."""
+    """Explain the frames the capture hands over until an End comes through, with the stream's
+    method, target and method options (cfg.options, over the explainer's own)."""
+    method, target, options = cfg.method, cfg.target, cfg.options
     try:
         while not stop.is_set():
             item = inbox.get(timeout=0.05)
@@ -118,7 +120,7 @@ def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, 
                 group.input_ended.set()
                 break
             index, bgr, small = item
-            res = explainer.explain(small, method, target)
+            res = explainer.explain(small, method, target, **options)
             name, prob = res.top_k(1)[0][0]
             # a centre-cropped input's heatmap goes back over the part of the frame it came from
             heat = res.heatmap_on(0, bgr.shape) if res.resize_shorter else res.heatmaps[0]
@@ -130,20 +132,24 @@ def _explain_thread(explainer, method, target, inbox: Mailbox, outbox: Mailbox, 
     group.finish(outbox)
 
 
-def make_explainers(model_path, in_flight: int = 2, kernels: str = "auto", threads: int | None = None) -> list:
-    """`in_flight` Explainers sharing the cores (threads each: all cores / in_flight)."""
+def make_explainers(model_path, in_flight: int = 2, kernels: str = "auto", threads: int | None = None,
+                    **explainer_options) -> list:
+    """`in_flight` Explainers sharing the cores (threads each: all cores / in_flight);
+    explainer_options: placement, feature_layer, options (the Explainer's)."""
     from explicam.runtime.explainer import Explainer
 
     per = threads or max(1, (os.cpu_count() or 1) // max(1, in_flight))
-    return [Explainer(model_path, kernels=kernels, threads=per, batch_size=1) for _ in range(max(1, in_flight))]
+    return [Explainer(model_path, kernels=kernels, threads=per, batch_size=1, **explainer_options)
+            for _ in range(max(1, in_flight))]
 
 
 def run_stream(source: Source, explainer, config: StreamConfig | None = None, sinks=(), cap=None,
                log=None) -> StreamResult:
     """Explain `source` frame by frame into `sinks` until it ends or is stopped.
     `explainer`: one Explainer, or a list of them for several frames in flight. `config`
-    gives the method, target, overlay, --max-frames and reconnection (the sinks are made
-    by the caller: make_sinks)."""
+    gives the method, target, method options, overlay, --max-frames and reconnection (the
+    sinks are made by the caller: make_sinks; placement and feature layer are the explainer's:
+    explain_stream builds it with config's)."""
     cfg = config or StreamConfig()
     log = log or (lambda msg: None)
     explainers = list(explainer) if isinstance(explainer, (list, tuple)) else [explainer]
@@ -163,7 +169,7 @@ def run_stream(source: Source, explainer, config: StreamConfig | None = None, si
     stop = threading.Event()
     group = Workers(len(explainers))
     workers = [threading.Thread(target=_explain_thread, name=f"explain {i}", daemon=True,
-                                args=(e, cfg.method, cfg.target, capture.frames, results, stop, group))
+                                args=(e, cfg, capture.frames, results, stop, group))
                for i, e in enumerate(explainers)]
     result = StreamResult(source.name)
     result.url = next((s.server.public_url for s in sinks if isinstance(s, ServeSink)), None)
@@ -311,10 +317,17 @@ def explain_stream(source: Source, config: StreamConfig | None = None, explainer
     try:
         # a file's recording plays at the original speed; a live one's rate is measured
         sinks = make_sinks(source, cfg, serving, cap.get(cv2.CAP_PROP_FPS), log)
-        if explainer is None:
+        given = explainer is not None
+        if not given:
             in_flight = cfg.in_flight or (2 if (os.cpu_count() or 1) >= 2 else 1)
-            explainer = make_explainers(cfg.model or newest_model(), in_flight, cfg.kernels, cfg.threads)
+            explainer = make_explainers(cfg.model or newest_model(), in_flight, cfg.kernels, cfg.threads,
+                                        placement=cfg.placement, feature_layer=cfg.feature_layer,
+                                        options=cfg.options)
         first = explainer[0] if isinstance(explainer, list) else explainer
+        placed = first.placement.get("name") if isinstance(first.placement, dict) else first.placement
+        if given and (cfg.placement not in (None, placed) or cfg.feature_layer not in (None, first.feature_layer)):
+            raise ValueError("placement and feature_layer are the given explainer's: build it with them "
+                             "(or pass none and explain_stream makes it from the config)")
         first.resolve_targets(cfg.target, 1)  # an unknown --target: said now, not after the first frame
         for s in sinks:
             if isinstance(s, ServeSink):

@@ -1,0 +1,94 @@
+"""model.headgrad.onnx: the gradient of any combination of class scores, through the head alone.
+
+  inputs   features (N, h, w, C) NHWC, as model.head.onnx takes them; seed (N, classes) float
+  outputs  grads (N, h, w, C) = d sum_c seed[n, c] logits[n, c] / d features[n]
+
+Why: Finer-CAM (runtime/methods.py) weights the channels by the gradient of the target's
+score minus those of its k look-alikes. Gradients are linear in the seed, so one pass with
+that seed gives the whole combination; through model.onnx it would take k + 1 passes of the
+body (a forward each), here it is one pass of the head (a pooling and a linear layer on most
+networks: microseconds), on the features model.onnx already returned.
+Only onnx, numpy and onnxruntime here.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import onnx
+from onnx import helper
+
+from .autodiff import backward
+from .graph import ancestors
+from .input_grads import builder_at
+
+SEED, OUTPUT = "seed", "grads"
+
+
+def headgrad_path_for(onnx_path: str) -> str:
+    root, _ = os.path.splitext(onnx_path)
+    return root + ".headgrad.onnx"
+
+
+def headgrad_model(head: onnx.ModelProto) -> onnx.ModelProto:
+    """The side file from the export's head ModelProto (features -> logits, probabilities)."""
+    model = copy.deepcopy(head)
+    del model.metadata_props[:]
+    g = model.graph
+    dims = [d.dim_value or 1 for d in next(i for i in g.input if i.name == "features").type.tensor_type.shape.dim]
+    nodes = list(g.node)
+    b = builder_at(model, "features", (1, *dims[1:]))
+    classes = int(b.shape("logits")[1])
+    g.input.append(helper.make_tensor_value_info(SEED, onnx.TensorProto.FLOAT, ["N", classes]))
+    grad = backward(b, nodes, "features", "logits", SEED)
+    b.node("Identity", [grad], [OUTPUT])
+    keep = ancestors(model, OUTPUT)   # the softmax and anything else only the logits need: gone
+    kept = [n for n in g.node if any(o in keep for o in n.output)]
+    del g.node[:], g.output[:]
+    g.node.extend(kept)
+    g.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, ["N", *dims[1:]]))
+    used = {i for n in kept for i in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return model
+
+
+def headgrad_error(main: onnx.ModelProto, headgrad: onnx.ModelProto, images) -> float:
+    """Largest |grads - model.onnx's grads| / max |grads| over `images` (N, H, W, 3) with one-hot
+    seeds of model.onnx's own target_used: the side file must give the exported gradient."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    run = lambda m, names, feeds: ort.InferenceSession(  # noqa: E731
+        m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(names, feeds)
+    x = np.ascontiguousarray(images, np.float32)
+    feats, grads, used, logits = run(main, ["features", "grads", "target_used", "logits"], {"image": x})
+    seed = np.zeros(logits.shape, np.float32)
+    seed[np.arange(len(x)), used] = 1.0
+    (mine,) = run(headgrad, [OUTPUT], {"features": feats, SEED: seed})
+    return float(np.abs(mine - grads).max() / max(float(np.abs(grads).max()), 1e-30))
+
+
+def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tuple[list, dict]:
+    """The files made from the head, each checked: ([(metadata key, path_for, ModelProto)],
+    {check name: error}). model.headgrad.onnx always; model.recipro.onnx for heads that
+    begin with a pooling or Flatten + dense layer (export/recipro.py)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .recipro import recipro_error, recipro_model, recipro_path_for
+
+    grad = headgrad_model(head)
+    files, checks = [("headgrad_file", headgrad_path_for, grad)], {"headgrad": headgrad_error(main, grad, images)}
+    recipro = recipro_model(head)
+    if recipro is not None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(main.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        (feats,) = session.run(["features"], {"image": np.ascontiguousarray(images[:2], np.float32)})
+        files.append(("recipro_file", recipro_path_for, recipro))
+        checks["recipro"] = recipro_error(head, recipro, feats)
+    return files, checks
