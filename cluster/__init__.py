@@ -3,6 +3,7 @@
     cluster/explain.py   bulk explanations: Ray Data, one Explainer per actor, Parquet results
     cluster/sweep.py     the kernel-size sweep with each run as a Ray task
     cluster/bench.py     Ray Data explanation rate against the one-machine explain
+    cluster/train.py     one training run over several machines with Ray Train (train --distribute ray)
 
 Importing these modules needs no Ray; calling them does (connect() says what to install).
 Nothing on the edge path (runtime/, camkernels/) imports this package.

@@ -24,7 +24,7 @@ import numpy as np
 
 from explicam.cluster import connect, require_ray
 from explicam.cluster.results import RESULTS_DIR, ResultSink, done_keys, rows_table, write_predictions_csv
-from explicam.cluster.sources import collect_sources, read_any
+from explicam.cluster.sources import collect_sources, read_any, reader_env
 from explicam.runtime.files import DECODE_MIN_SIDE, FilesConfig, Item, Writer, check_writable, parse_methods
 from explicam.runtime.images import ImageError
 
@@ -186,8 +186,10 @@ def _run(todo: list, cfg: FilesConfig, rcfg: RayConfig, spec: ActorSpec, done: s
                              override_num_blocks=max(1, min(n_batches, actors * 8)))
     # Ray Data gives its actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced and
     # its batch run again (tests/test_cluster_explain.py kills one)
+    env = reader_env(it.path for it in todo)  # s3:// sources: the driver's AWS_* settings
     ds = ds.map_batches(ExplainActor, fn_constructor_args=(spec,), batch_size=batch, batch_format="numpy",
-                        concurrency=actors, num_cpus=rcfg.cpus_per_actor)
+                        concurrency=actors, num_cpus=rcfg.cpus_per_actor,
+                        **({"runtime_env": {"env_vars": env}} if env else {}))
     sink = ResultSink(os.path.join(cfg.out, RESULTS_DIR), done)
     try:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -11,10 +11,19 @@ from explicam.runtime.files import Item, collect
 from explicam.runtime.images import ImageError, decode_image, read_image
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# what pyarrow's S3 file system takes from the environment: credentials, region, endpoint
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+          "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def uri_path(src: str) -> str:
+    """A URI without its query string (s3://b/k.jpg?endpoint_override=... -> s3://b/k.jpg):
+    what names it; the query only tells pyarrow how to reach it. Local paths unchanged."""
+    return src.split("?", 1)[0] if "://" in src else src
 
 
 def table_format(src: str) -> str | None:
-    ext = os.path.splitext(src.rstrip("/"))[1].lower()
+    ext = os.path.splitext(uri_path(src).rstrip("/"))[1].lower()
     return TABLE_SUFFIXES.get(ext)
 
 
@@ -81,9 +90,17 @@ def collect_sources(sources, out: str | None, path_column: str = "path") -> tupl
         for path in read_path_column(src, path_column):
             if path not in seen:
                 seen.add(path)
-                name = path.rstrip("/").rsplit("/", 1)[-1]
+                name = uri_path(path).rstrip("/").rsplit("/", 1)[-1]
                 items.append(Item(path, stems(os.path.splitext(name)[0] or "image")))
     return items, problems
+
+
+def reader_env(paths) -> dict:
+    """The driver's S3 settings (S3_ENV) for the actors, when any path is a URI: a node started
+    without them then reads what the driver can. {} for local paths: no secret travels."""
+    if not any("://" in p for p in paths):
+        return {}
+    return {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
 
 
 def read_any(path: str, min_side: int = 0):

@@ -121,16 +121,39 @@ def make_train_config(kernel, no_augment=False, **kw):
 @train_options
 @click.option("--run-dir", default=None, help="Run folder [default: runs/k{KERNEL}].")
 @click.option("--fresh", is_flag=True, help="Delete the run folder's previous state and start over.")
-@click.option("--distribute", type=click.Choice(["none", "mirrored"]), default="none", show_default=True,
-              help="mirrored: tf.distribute.MirroredStrategy over the GPUs (else the CPU devices); --batch-size "
-                   "stays the global batch.")
+@click.option("--distribute", type=click.Choice(["none", "mirrored", "ray"]), default="none", show_default=True,
+              help="mirrored: tf.distribute.MirroredStrategy over the GPUs (else the CPU devices); ray: "
+                   "several machines with Ray Train (MultiWorkerMirroredStrategy), the run folder and --data on "
+                   "a path every node sees. --batch-size stays the global batch.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="--distribute ray: auto (the cluster this machine belongs to) or HOST:PORT [default: a Ray "
+                   "started here for this command].")
+@click.option("--workers", type=int, default=None, help="--distribute ray: training workers [default: 2].")
+@click.option("--cpus-per-worker", type=float, default=None, help="--distribute ray: CPUs (and TensorFlow "
+              "threads) per worker [default: 1].")
+@click.option("--gpus-per-worker", type=float, default=None, help="--distribute ray: GPUs per worker [default: 0].")
+@click.option("--max-failures", type=int, default=None, help="--distribute ray: restarts of the worker group "
+              "after a worker dies, each resuming from the last epoch [default: 3].")
 @friendly
-def train(kernel, run_dir, fresh, **kw):
+def train(kernel, run_dir, fresh, ray_address, workers, cpus_per_worker, gpus_per_worker, max_failures, **kw):
     """Train the seed CNN; killed and restarted with the same command, it resumes."""
     from explicam.train.fit import default_run_dir
     from explicam.train.lock import run_folder_lock
 
     run_dir = run_dir or default_run_dir(kernel, kw["head"])
+    ray_opts = {"address": ray_address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                "gpus_per_worker": gpus_per_worker, "max_failures": max_failures}
+    given = [k for k, v in ray_opts.items() if v is not None]
+    if given and kw["distribute"] != "ray":
+        name = "--ray" if given[0] == "address" else "--" + given[0].replace("_", "-")
+        raise click.UsageError(f"{name} needs --distribute ray")
+    if kw["distribute"] == "ray":  # cluster/train.py: the driver here, the workers wherever Ray puts them
+        from explicam.cluster.train import RayTrainConfig, train_on_ray
+        from explicam.train.fit import result_line
+
+        rcfg = RayTrainConfig(**{k: v for k, v in ray_opts.items() if v is not None})
+        click.echo(result_line(train_on_ray(make_train_config(kernel, **kw), rcfg, run_dir, fresh, log=click.echo)))
+        return
     with run_folder_lock(run_dir, "train"):  # a second writer stops here, before TensorFlow loads
         quiet_tensorflow()
         from explicam.train.fit import result_line, train as run_training

@@ -51,7 +51,7 @@ class TrainConfig:
     contrast: float = 0.1
     cache: str = "auto"                 # decoded images: auto (memory within the budget, else disk), memory, disk
     cache_budget_mb: float | None = None  # [default: train/stream.py's default_budget()]
-    distribute: str = "none"            # none or mirrored (tf.distribute.MirroredStrategy)
+    distribute: str = "none"            # none, mirrored (MirroredStrategy) or ray (cluster/train.py)
 
     def fingerprint(self) -> str:
         """What must match for a run folder to be resumed (max_epochs and patience may grow;
@@ -194,7 +194,10 @@ def train(cfg: TrainConfig, run_dir: str | None = None, fresh: bool = False, ver
         return _train(cfg, run_dir, fresh, verbose, log)
 
 
-def _train(cfg: TrainConfig, run_dir: str, fresh: bool, verbose, log) -> dict:
+def _train(cfg: TrainConfig, run_dir: str, fresh: bool, verbose, log, out_dir: str | None = None) -> dict:
+    """out_dir: where this process writes [default: run_dir]. A Ray Train worker other than
+    the chief resumes from run_dir like the chief but writes to a folder of its own (every
+    worker saves what the chief saves, so the two stay in step), and returns {}."""
     import keras
 
     from explicam.train.model import build_model
@@ -227,7 +230,8 @@ def _train(cfg: TrainConfig, run_dir: str, fresh: bool, verbose, log) -> dict:
 
         keras.utils.set_random_seed(cfg.seed)
         tf.config.experimental.enable_op_determinism()
-    os.makedirs(run_dir, exist_ok=True)
+    out = out_dir or run_dir
+    os.makedirs(out, exist_ok=True)
     with distribution_scope(cfg.distribute, log):  # --distribute mirrored: variables on every replica
         if state:
             model = keras.models.load_model(os.path.join(run_dir, "backup", state["backup"]))
@@ -243,11 +247,13 @@ def _train(cfg: TrainConfig, run_dir: str, fresh: bool, verbose, log) -> dict:
                  "wall_time_s": 0.0, "history": []}
 
     augment = make_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.translation, cfg.contrast, seed=cfg.seed)
-    train_ds, val_ds = training_streams(tr, va, cfg, run_dir, augment, log)  # streamed from the files
-    keeper = _make_keeper(run_dir, cfg, state, log)
+    train_ds, val_ds = training_streams(tr, va, cfg, out, augment, log)  # streamed from the files
+    keeper = _make_keeper(out, cfg, state, log)
     if state["epoch"] < cfg.max_epochs and state["wait"] < cfg.patience:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.max_epochs, initial_epoch=state["epoch"],
                   callbacks=[keeper], verbose=verbose)
+    if out != run_dir:
+        return {}
 
     # restore_best_weights: the best model is the one on disk; evaluate it for the summary.
     best = keras.models.load_model(os.path.join(run_dir, "model.keras"))
