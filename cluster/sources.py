@@ -12,8 +12,11 @@ from explicam.runtime.images import ImageError, decode_image, read_image
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # what pyarrow's S3 file system takes from the environment: credentials, region, endpoint
-S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-          "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Where the store is: handed to the actors whenever a source is a URI.
+S3_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Secrets: only with --ray-credentials, since Ray shows a job's runtime_env to anyone who can see
+# its dashboard or state API; by default each node uses its own (instance role, ~/.aws, env).
+S3_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def uri_path(src: str) -> str:
@@ -95,12 +98,14 @@ def collect_sources(sources, out: str | None, path_column: str = "path") -> tupl
     return items, problems
 
 
-def reader_env(paths) -> dict:
-    """The driver's S3 settings (S3_ENV) for the actors, when any path is a URI: a node started
-    without them then reads what the driver can. {} for local paths: no secret travels."""
+def reader_env(paths, credentials: bool = False) -> dict:
+    """The driver's S3 settings (S3_ENV, and S3_SECRETS when `credentials`) for the actors,
+    when any path is a URI: a node started without them then reads what the driver can.
+    {} for local paths."""
     if not any("://" in p for p in paths):
         return {}
-    return {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
+    names = S3_ENV + (S3_SECRETS if credentials else ())
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 def read_any(path: str, min_side: int = 0):

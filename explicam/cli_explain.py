@@ -143,11 +143,14 @@ def plain_preprocess(kw: dict) -> dict | None:
 @click.option("--concurrency", type=int, default=None, help="--ray: actors, each one Explainer [default: CPUs].")
 @click.option("--cpus-per-actor", type=float, default=1.0, show_default=True,
               help="--ray: CPUs (and onnxruntime threads) per actor.")
+@click.option("--ray-credentials", is_flag=True,
+              help="--ray with s3:// sources: hand this shell's AWS keys to the actors (Ray shows a job's "
+                   "environment to anyone who can see its dashboard); default: each node uses its own.")
 @friendly
 def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side_by_side, heatmap, labels,
             batch_size, webcam, video, show, output, serve, host, token, no_token, certfile, keyfile, max_clients,
             reconnect, max_retries, realtime, max_frames, threads, placement, ray_address=None, path_column="path",
-            concurrency=None, cpus_per_actor=1.0, **more):
+            concurrency=None, cpus_per_actor=1.0, ray_credentials=False, **more):
     """Heatmaps for images and folders, video files and webcams.
 
     \b
@@ -201,7 +204,8 @@ def explain(paths, model_path, method, target, out, top_k, alpha, colormap, side
     if ray_address is not None:  # bulk, on Ray Data: cluster/explain.py
         from explicam.cluster.explain import RayConfig, explain_on_ray, summary_line
 
-        res = explain_on_ray(paths, cfg, RayConfig(ray_address, concurrency, cpus_per_actor, path_column),
+        rcfg = RayConfig(ray_address, concurrency, cpus_per_actor, path_column, credentials=ray_credentials)
+        res = explain_on_ray(paths, cfg, rcfg,
                              log=lambda m: click.echo(m, err=True))
         for line in res.notes:
             click.echo(line, err=True)
