@@ -34,6 +34,8 @@ import math
 
 import numpy as np
 
+from .graph import constant_values
+
 CONVENTION = ("cell j of the feature map is centred at stride * j + offset input pixels per axis [y, x]; "
               "pixel i covers [i - 0.5, i + 0.5]")
 SPATIAL_OPS = ("Conv", "ConvInteger", "MaxPool", "AveragePool", "LpPool")
@@ -143,20 +145,6 @@ def geometry_from_keras(model, layer: str) -> dict:
 
 
 # ------------------------------------------------------------------ ONNX graph
-def _constants(graph) -> dict:
-    from onnx import numpy_helper
-
-    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            attr = node.attribute[0]
-            if attr.name == "value":
-                out[node.output[0]] = numpy_helper.to_array(attr.t)
-            elif attr.name in ("value_ints", "value_int"):
-                out[node.output[0]] = np.array(attr.ints if attr.name == "value_ints" else attr.i, np.int64)
-    return out
-
-
 def _shapes(model) -> dict:
     """Static shapes (ints, None where unknown) of every tensor shape inference can tell."""
     import onnx
@@ -225,7 +213,7 @@ def _axis_map(in_shape, out_shape, pos) -> tuple | None:
 class _Walker:
     def __init__(self, model, image: str, feature: str, layout: str, input_size):
         self.g = model.graph
-        self.consts = _constants(self.g)
+        self.consts = constant_values(model)
         self.shapes = _shapes(model)
         inputs = [i.name for i in self.g.input if i.name not in self.consts]
         self.image = image or (inputs[0] if inputs else None)
