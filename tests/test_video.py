@@ -38,6 +38,20 @@ def write_clip(path, frames, size=(160, 120), fps=10.0):
     return path
 
 
+class Collect:
+    """A sink that keeps the frames it is given (in `got`)."""
+    stop_requested = False
+
+    def __init__(self, got: list):
+        self.got = got
+
+    def write(self, bgr):
+        self.got.append(bgr.copy())
+
+    def close(self):
+        pass
+
+
 def read_frames(path):
     cap = cv2.VideoCapture(str(path))
     frames = []
@@ -339,18 +353,8 @@ def test_two_frames_in_flight_keep_a_files_order(tmp_path, onnx_model):
     clip = write_clip(tmp_path / "moving.avi", 25)  # 25 distinct disc positions (the clip wraps at 28)
     source, _ = read_frames(clip)
     got = []
-
-    class Collect:
-        stop_requested = False
-
-        def write(self, bgr):
-            got.append(bgr.copy())
-
-        def close(self):
-            pass
-
     res = run_stream(Source(str(clip), "clip", "file"), make_explainers(onnx_model, 2),
-                     StreamConfig(method="gradcam", labels=False, alpha=0.2), sinks=[Collect()])
+                     StreamConfig(method="gradcam", labels=False, alpha=0.2), sinks=[Collect(got)])
     assert res.frames == len(got) == 25
     for i, frame in enumerate(got):  # the moving disc: frame i is nearest to source frame i
         dist = [np.abs(frame.astype(int) - s.astype(int)).mean() for s in source]

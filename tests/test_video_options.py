@@ -9,7 +9,7 @@ import pytest
 from explicam.runtime import overlay as ov
 from tests.conftest import run_cli
 from tests.test_input_grads import _export_torch, _relu_net
-from tests.test_video import read_frames, write_clip
+from tests.test_video import Collect, read_frames, write_clip
 
 torch = pytest.importorskip("torch", reason="torch makes the PyTorch test files (pip install torch==2.13.0)")
 OPTIONS = {"finercam_k": 1, "finercam_alpha": 0.5}
@@ -45,17 +45,7 @@ def test_stream_config_options_reach_the_explainers(multi, monkeypatch, method, 
 
     model, clip = multi
     got = []
-
-    class Collect:
-        stop_requested = False
-
-        def write(self, bgr):
-            got.append(bgr.copy())
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(loop, "make_sinks", lambda *a, **k: [Collect()])
+    monkeypatch.setattr(loop, "make_sinks", lambda *a, **k: [Collect(got)])
     cfg = StreamConfig(model=str(model), method=method, labels=False, in_flight=1, **kw)
     res = explain_stream(Source(str(clip), "clip", "file"), cfg)
     assert res.frames == len(got) == FRAMES
