@@ -56,7 +56,9 @@ demo-imagenet: $(VENV)/.imagenet
 
 # EfficientNet-Lite0 and a ResNet-50 (seeded random weights) at 224, batch 1 and 32: every
 # method next to the plain forward of the ONNX file torch wrote, and pytorch-grad-cam.
-IMAGENET_BENCH := --batches 1,32 --seconds 3 --methods cam,gradcam,gradcam++,xgradcam,hirescam,layercam,finercam,ablationcam,eigencam
+IMAGENET_BENCH := --batches 1,32 --seconds 3 --methods cam,gradcam,gradcam++,xgradcam,hirescam,layercam,finercam,reciprocam,ablationcam,eigencam
+# the input-gradient methods and RISE on EfficientNet-Lite0 (an export with --input-grads beside the demo's)
+INPUT_BENCH := --batches 1,32 --methods gradcam,saliency,guided-gradcam,smoothgrad,integrated-gradients,rise
 bench-imagenet: $(VENV)/.imagenet
 	$(PY) cli.py demo --imagenet
 	$(PY) -m explicam.export.zoo resnet50
@@ -64,6 +66,9 @@ bench-imagenet: $(VENV)/.imagenet
 		--resize-shorter 256 --labels runs/resnet50/imagenet_labels.txt
 	$(PY) cli.py bench --model runs/efficientnet_lite0/model.onnx $(IMAGENET_BENCH) --out runs/efficientnet_lite0/bench.md
 	$(PY) cli.py bench --model runs/resnet50/model.onnx $(IMAGENET_BENCH) --out runs/resnet50/bench.md
+	$(PY) cli.py export --model runs/efficientnet_lite0/efficientnet_lite0.onnx --scale 1 --mean 127 --std 128 \
+		--resize-shorter 256 --labels runs/efficientnet_lite0/imagenet_labels.txt --input-grads --out runs/effnet_ig/model.onnx
+	$(PY) cli.py bench --model runs/effnet_ig/model.onnx $(INPUT_BENCH) --out runs/effnet_ig/bench.md
 
 clean:
 	rm -rf $(VENV) runs data out report

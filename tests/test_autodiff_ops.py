@@ -103,14 +103,15 @@ CONVS = [({"pads": [0, 1, 2, 1], "strides": [2, 3]}, (2, 4, 9, 8), (6, 4, 3, 2))
          ({"strides": [2, 2]}, (1, 3, 8, 9), (4, 3, 1, 1)),
          ({"strides": [2], "pads": [1, 0]}, (2, 3, 11), (4, 3, 3)),
          # stride 1: the gradient is a Conv with flipped weights (autodiff_nn._flipped_conv)
-         ({"pads": [0, 2, 1, 0]}, (2, 4, 7, 8), (6, 4, 3, 3)),
-         ({"auto_pad": "SAME_UPPER"}, (2, 3, 7, 8), (5, 3, 4, 4)),
-         ({"auto_pad": "SAME_LOWER"}, (2, 3, 7, 8), (5, 3, 2, 3)),
-         ({"dilations": [2, 1], "pads": [2, 1, 1, 0]}, (2, 3, 9, 8), (5, 3, 3, 2)),
+         ({"pads": [0, 2, 1, 0]}, (2, 8, 7, 8), (6, 8, 3, 3)),
+         ({"auto_pad": "SAME_UPPER"}, (2, 8, 7, 8), (5, 8, 4, 4)),
+         ({"auto_pad": "SAME_LOWER"}, (2, 9, 7, 8), (5, 9, 2, 3)),
+         ({"dilations": [2, 1], "pads": [2, 1, 1, 0]}, (2, 8, 9, 8), (5, 8, 3, 2)),
+         ({"pads": [1, 1, 2, 2]}, (2, 3, 7, 7), (5, 3, 4, 4)),   # from 3 channels: ConvTranspose
          ({"group": 6, "pads": [1, 1, 1, 1]}, (2, 6, 7, 7), (12, 1, 3, 3)),
          ({"group": 3}, (2, 6, 5, 5), (9, 2, 1, 1)),
          ({"pads": [3, 0, 0, 3]}, (1, 2, 6, 6), (3, 2, 2, 2)),   # padding beyond the kernel: ConvTranspose
-         ({"pads": [2, 1]}, (2, 3, 9), (4, 3, 3))]
+         ({"pads": [2, 1]}, (2, 8, 9), (4, 8, 3))]
 
 
 @pytest.mark.parametrize("attrs, xs, ws", CONVS)
