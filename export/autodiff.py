@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 from . import autodiff_extra, autodiff_more, autodiff_nn  # noqa: F401  (register the network ops' rules)
 from .autodiff_rules import VJP, attr
-from .graph import (FLOAT_TYPES, Graph, GraphError, ancestors, constant_values, float_dependents, pick_features,
+from .graph import (FLOAT_TYPES, Graph, GraphError, ancestors, constant_values, float_dependents,
                     prepare)
 
 RESERVED = ("target", "logits", "probabilities", "features", "grads", "target_used")
@@ -330,6 +330,8 @@ def gradient_model(g: Graph, features: str, extra=()) -> onnx.ModelProto:
 def export_gradients(source, layer: str = "auto", output: str | None = None, input_size=None,
                      layout: str = "auto") -> tuple[onnx.ModelProto, dict]:
     """Load, analyse and differentiate an image classifier in one call: (new model, info)."""
+    from .layers import pick_features
+
     g = prepare(source, input_size=input_size, layout=layout, output=output)
     features = pick_features(g, layer)
     model = gradient_model(g, features)

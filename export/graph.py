@@ -5,7 +5,7 @@ finds (or says in one line why it cannot) the image input and its layout (NCHW o
 axis of size 1 or 3 is the channels), the output to explain, the score (the input of a final
 Softmax, LogSoftmax or Sigmoid when there is one: the pre-activation score Grad-CAM
 differentiates) and every tensor's static shape at batch 1 and layout. `pick_features()`
-then chooses the feature tensor (`auto` or a tensor name). Only onnx and numpy here.
+(export/layers.py) then chooses the feature tensor (`auto` or a tensor name). Only onnx and numpy here.
 """
 from __future__ import annotations
 
@@ -356,55 +356,3 @@ def prepare(source, input_size=None, layout: str = "auto", output: str | None = 
         raise GraphError(f"the score '{score}' has shape {s}; expected (batch, classes)")
     return Graph(model, image.name, lay, out, score, activation, shapes, dtypes,
                  tensor_layouts(model, image.name, lay, shapes), opset_of(model), batch_fixed)
-
-
-def _spatial(g: Graph, name: str) -> bool:
-    shape, lay = g.shapes.get(name), g.layouts.get(name)
-    if shape is None or len(shape) != 4 or lay is None:
-        return False
-    h, w = (shape[2], shape[3]) if lay == "NCHW" else (shape[1], shape[2])
-    return h > 1 and w > 1
-
-
-def _is_cut(g: Graph, name: str, consumers: dict) -> bool:
-    """True when every float path from the image to the score passes through `name`."""
-    seen, stack = {g.input}, [g.input]
-    while stack:
-        for node in consumers.get(stack.pop(), ()):
-            for o in node.output:
-                if o == g.score:
-                    return False
-                if o and o != name and o not in seen and g.dtypes.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
-                    seen.add(o)
-                    stack.append(o)
-    return True
-
-
-def feature_candidates(g: Graph) -> list[str]:
-    """Spatial tensors (H, W > 1) on the way from the image to the score, in graph order."""
-    on_path = float_dependents(g.model.graph.node, [g.input], g.dtypes) & ancestors(g.model, g.score)
-    return [o for n in g.model.graph.node for o in n.output if o in on_path and _spatial(g, o)]
-
-
-def pick_features(g: Graph, layer: str = "auto") -> str:
-    """The feature tensor: `auto` (the last spatial tensor of the convolution chain that all
-    the score's dependence on the image passes through) or a tensor name, checked."""
-    cands = feature_candidates(g)
-    producer = {o: n for n in g.model.graph.node for o in n.output}
-
-    def listing():
-        return ", ".join(f"{c} {list(g.shapes[c])}" for c in cands[-6:]) or "none"
-    if layer != "auto":
-        if layer not in cands:
-            why = "is not in the model" if layer not in g.shapes else "is not a spatial map the score depends on"
-            raise GraphError(f"tensor '{layer}' {why}; spatial tensors near the output: {listing()}")
-        return layer
-    consumers = {}
-    for node in g.model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    for name in reversed(cands):
-        if producer[name].op_type in CHAIN_OPS and _is_cut(g, name, consumers):
-            return name
-    raise GraphError(f"no tensor with spatial extent above 1 on both sides comes from a convolution before "
-                     f"'{g.output}'; not a convolutional image classifier (or pass --layer NAME)")

@@ -4,14 +4,16 @@ The first layer listed is the primary one (outputs `features`, `grads`, what sin
 methods use by default); the others follow as features_1 / grads_1, features_2 / grads_2 ...
 in the order given, from the same backward walk (autodiff.gradient_model). A layer is an
 ONNX tensor name, a Keras layer name (for .keras / .h5 files), `auto` (the last
-convolutional stage, graph.pick_features), or `auto:K`: auto and the K - 1 stages before it,
+convolutional stage, pick_features below), or `auto:K`: auto and the K - 1 stages before it,
 each stage's end being the last tensor of the convolution chain at one spatial resolution
 that all of the score's dependence on the image passes through (ResNet's layer4, layer3 ...;
 the seed's conv4, conv3 ...), the layers Layer-CAM fuses (Jiang et al. 2021, section III-C).
 """
 from __future__ import annotations
 
-from .graph import CHAIN_OPS, Graph, GraphError, _is_cut, feature_candidates, pick_features
+import onnx
+
+from .graph import CHAIN_OPS, FLOAT_TYPES, Graph, GraphError, ancestors, float_dependents
 
 
 def parse_layers(spec: str) -> list[str]:
@@ -45,7 +47,7 @@ def stages(g: Graph, count: int) -> list[str]:
         return (s[2], s[3]) if g.layouts.get(name) == "NCHW" else (s[1], s[2])
     last = {}   # spatial size -> the last cut tensor of the chain at that size, before the auto layer
     for name in cands[:cands.index(auto)]:
-        if producer[name].op_type in CHAIN_OPS and hw(name) != hw(auto) and _is_cut(g, name, consumers):
+        if producer[name].op_type in CHAIN_OPS and hw(name) != hw(auto) and is_cut(g, name, consumers):
             last[hw(name)] = name
     earlier = sorted(last.values(), key=cands.index, reverse=True)
     return [auto] + earlier[:count - 1]
@@ -68,3 +70,55 @@ def resolve_layers(g: Graph, items, named: dict | None = None) -> list[tuple[str
     if len(set(tensors)) != len(tensors):
         raise GraphError(f"--layer {','.join(items)}: the same tensor is named twice ({', '.join(tensors)})")
     return out
+
+
+def _spatial(g: Graph, name: str) -> bool:
+    shape, lay = g.shapes.get(name), g.layouts.get(name)
+    if shape is None or len(shape) != 4 or lay is None:
+        return False
+    h, w = (shape[2], shape[3]) if lay == "NCHW" else (shape[1], shape[2])
+    return h > 1 and w > 1
+
+
+def is_cut(g: Graph, name: str, consumers: dict) -> bool:
+    """True when every float path from the image to the score passes through `name`."""
+    seen, stack = {g.input}, [g.input]
+    while stack:
+        for node in consumers.get(stack.pop(), ()):
+            for o in node.output:
+                if o == g.score:
+                    return False
+                if o and o != name and o not in seen and g.dtypes.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
+                    seen.add(o)
+                    stack.append(o)
+    return True
+
+
+def feature_candidates(g: Graph) -> list[str]:
+    """Spatial tensors (H, W > 1) on the way from the image to the score, in graph order."""
+    on_path = float_dependents(g.model.graph.node, [g.input], g.dtypes) & ancestors(g.model, g.score)
+    return [o for n in g.model.graph.node for o in n.output if o in on_path and _spatial(g, o)]
+
+
+def pick_features(g: Graph, layer: str = "auto") -> str:
+    """The feature tensor: `auto` (the last spatial tensor of the convolution chain that all
+    the score's dependence on the image passes through) or a tensor name, checked."""
+    cands = feature_candidates(g)
+    producer = {o: n for n in g.model.graph.node for o in n.output}
+
+    def listing():
+        return ", ".join(f"{c} {list(g.shapes[c])}" for c in cands[-6:]) or "none"
+    if layer != "auto":
+        if layer not in cands:
+            why = "is not in the model" if layer not in g.shapes else "is not a spatial map the score depends on"
+            raise GraphError(f"tensor '{layer}' {why}; spatial tensors near the output: {listing()}")
+        return layer
+    consumers = {}
+    for node in g.model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    for name in reversed(cands):
+        if producer[name].op_type in CHAIN_OPS and is_cut(g, name, consumers):
+            return name
+    raise GraphError(f"no tensor with spatial extent above 1 on both sides comes from a convolution before "
+                     f"'{g.output}'; not a convolutional image classifier (or pass --layer NAME)")

@@ -18,10 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.test_autodiff_ops import _model, _session
 
-try:
-    from explicam.export import autodiff, graph
-except ImportError:
-    from export import autodiff, graph
+from explicam.export import autodiff, graph, layers
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 F32 = TensorProto.FLOAT
@@ -116,7 +113,7 @@ def _torch_features_grads(torch, model, path, x, classes):
 def _tensor_named_by_value(data, x, value):
     """The spatial tensor of the ONNX graph that holds `value` for image x (batch 1)."""
     g = graph.prepare(data)
-    names = [n for n in graph.feature_candidates(g) if g.shapes[n] == value.shape]
+    names = [n for n in layers.feature_candidates(g) if g.shapes[n] == value.shape]
     m = copy.deepcopy(g.model)
     m.graph.output.extend(helper.make_tensor_value_info(n, F32, None) for n in names)
     for name, got in zip(names, _session(m).run(names, {g.input: x})):
