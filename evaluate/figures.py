@@ -98,6 +98,24 @@ def placement_grid(per_kernel: dict, method: str, tile: int = 200) -> np.ndarray
     return grid(tiles, titles, cols=3, tile=tile)
 
 
+def svg_open(width: int, height: int, left: int, title: str) -> list:
+    """The start of every chart here: the SVG element, a white page and the title."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+
+
+def svg_frame(left, top, pw, ph, height, xlabel, ylabel) -> list:
+    """The plot area's border and its axis labels (no x label when `xlabel` is None)."""
+    out = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>']
+    if xlabel is not None:
+        out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
+               f'{html.escape(ylabel)}</text>')
+    return out
+
+
 def svg_lines(series: dict, title: str, xlabel: str, ylabel: str, width: int = 560, height: int = 300,
               y_range=(0.0, 1.0)) -> str:
     """A line chart as standalone SVG text. series = {label: [(x, y), ...]}."""
@@ -108,19 +126,13 @@ def svg_lines(series: dict, title: str, xlabel: str, ylabel: str, width: int = 5
     y0, y1 = y_range
     sx = lambda x: left + (x - x0) / (x1 - x0) * pw  # noqa: E731
     sy = lambda y: top + ph - (min(max(y, y0), y1) - y0) / (y1 - y0) * ph  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+    out = svg_open(width, height, left, title)
     for t in np.linspace(y0, y1, 6):
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.2g}</text>')
     for t in np.unique(np.linspace(x0, x1, min(6, int(x1 - x0) + 1)).round()):
         out.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{int(t)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
-               f'{html.escape(ylabel)}</text>')
+    out += svg_frame(left, top, pw, ph, height, xlabel, ylabel)
     for i, (label, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         if pts:
@@ -140,10 +152,7 @@ def svg_bars(groups: dict, title: str, ylabel: str, reference: float | None = No
     left, right, top, bottom = 52, 130, 28, 40
     pw, ph = width - left - right, height - top - bottom
     labels = list(dict.fromkeys(s for g in groups.values() for s in g))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+    out = svg_open(width, height, left, title)
     sy = lambda y: top + ph - max(0.0, min(1.0, y)) * ph  # noqa: E731
     for t in np.linspace(0, 1, 6):
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ddd"/>'
@@ -164,9 +173,7 @@ def svg_bars(groups: dict, title: str, ylabel: str, reference: float | None = No
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(reference):.1f}" y2="{sy(reference):.1f}" '
                    'stroke="black" stroke-dasharray="5,4"/>')
         labels = labels + ["uniform map"]
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
-    out.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
-               f'{html.escape(ylabel)}</text>')
+    out += svg_frame(left, top, pw, ph, height, None, ylabel)
     for i, label in enumerate(labels):
         ly = top + 14 + 16 * i
         style = ('stroke="black" stroke-dasharray="5,4" stroke-width="2"' if label == "uniform map" and reference

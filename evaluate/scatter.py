@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 
-from explicam.evaluate.figures import PALETTE
+from explicam.evaluate.figures import PALETTE, svg_frame, svg_open
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list:
@@ -40,10 +40,7 @@ def svg_scatter(points: dict, title: str, xlabel: str, ylabel: str, width: int =
     y0, y1 = y_range or _range(ys)
     sx = lambda x: left + (fx(x) - x0) / (x1 - x0) * pw  # noqa: E731
     sy = lambda y: top + ph - (min(max(y, y0), y1) - y0) / (y1 - y0) * ph  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+    out = svg_open(width, height, left, title)
     for t in _ticks(y0, y1):
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
@@ -52,10 +49,7 @@ def svg_scatter(points: dict, title: str, xlabel: str, ylabel: str, width: int =
         px = left + (t - x0) / (x1 - x0) * pw
         out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>'
                    f'<text x="{px:.1f}" y="{top + ph + 16}" text-anchor="middle">{label}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
-               f'{html.escape(ylabel)}</text>')
+    out += svg_frame(left, top, pw, ph, height, xlabel, ylabel)
     for i, (label, pts) in enumerate(points.items()):
         color = PALETTE[i % len(PALETTE)]
         for x, y in pts:

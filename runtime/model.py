@@ -71,13 +71,7 @@ class OnnxModel:
         outputs = self.output_names = [o.name for o in self.session.get_outputs()]
         if any(o not in outputs for o in REQUIRED_OUTPUTS):
             raise ModelError(f"{self.path}: outputs {outputs} lack one of {', '.join(REQUIRED_OUTPUTS)}")
-        meta = {}
-        for key, value in raw.items():
-            try:
-                meta[key] = json.loads(value)
-            except ValueError:
-                meta[key] = value
-        self.meta = meta
+        self.meta = meta = parse_metadata(raw)
         self.class_names = [str(c) for c in meta["class_names"]]
         size = meta["input_size"]  # S for a square input, [H, W] otherwise
         self.input_hw = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
@@ -269,6 +263,17 @@ class OnnxModel:
         f = np.ascontiguousarray(features, np.float32)
         return np.concatenate([self._recipro.run(["recipro"], {"features": f[s:s + chunk]})[0]
                                for s in range(0, len(f), chunk)])
+
+
+def parse_metadata(raw: dict) -> dict:
+    """An ONNX file's metadata_props (strings) with the JSON values decoded, the rest as they are."""
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            meta[key] = value
+    return meta
 
 
 def newest_model(pattern: str = "runs/*/model.onnx") -> str:

@@ -1,6 +1,5 @@
 """`export --model FILE` for Keras classifiers explicam did not train: gradients against
 tf.GradientTape, the auto layer of keras.applications networks, files that would run code."""
-import json
 
 import numpy as np
 import onnxruntime as ort
@@ -10,14 +9,10 @@ from tests.conftest import run_cli
 
 
 def _meta(path):
-    raw = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    meta = {}
-    for key, value in raw.items():
-        try:
-            meta[key] = json.loads(value)
-        except ValueError:
-            meta[key] = value
-    return meta
+    from explicam.runtime.model import parse_metadata
+
+    return parse_metadata(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                          .get_modelmeta().custom_metadata_map)
 
 
 def _export(tmp_path, model_file, *extra, name="model"):
