@@ -23,8 +23,8 @@ import numpy as np
 
 from explicam.export.headgrad import head_side_files
 from explicam.export.more import input_grads_path_for, more_metadata, side_file
-from explicam.export.onnx import (ExportError, classifier_only, forward_path_for, head_model, head_path_for,
-                                  set_metadata, write_atomic)
+from explicam.export.onnx import (ExportError, classifier_only, forward_parity, forward_path_for, head_model,
+                                  head_path_for, set_metadata, write_atomic)
 from explicam.export.prologue import Preprocess, add_prologue, read_labels
 
 LINEAR = ("Gemm", "MatMul", "Add")
@@ -190,6 +190,14 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     set_metadata(main, meta)
     side = side_file(main, meta, log) if cfg.input_grads else None
     forward = classifier_only(main)
+    checks = _forward_check(main, forward, hw)   # the same nodes as model.onnx: the same numbers expected
+    log("model.forward.onnx against model.onnx: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
+    bad = [f"{k} differs by {v:.2e} (tolerance 1e-04)" for k, v in checks.items() if not v <= 1e-4]
+    if bad:
+        raise ExportError(f"{cfg.model}: the pruned classifier disagrees with model.onnx, nothing written: "
+                          + "; ".join(bad))
+    report.update(checks)
+    set_metadata(main, meta)   # the self-check's report with them
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     written = []
     if head is not None:
@@ -209,6 +217,14 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     log(f"wrote {out}, " + ", ".join(written))
     return {"onnx": out, "head": head_path_for(out) if head is not None else None, "forward": forward_path_for(out),
             "parity": report, "metadata": meta, "features": features}
+
+
+def _forward_check(main, forward, hw) -> dict:
+    """forward_probabilities, forward_features (export/onnx.py forward_parity) on two random images."""
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (main, forward)]
+    return forward_parity(*sessions, np.random.default_rng(4).random((2, *hw, 3), dtype=np.float32))
 
 
 def _with_prologue(main, pre: Preprocess, hw):

@@ -150,7 +150,34 @@ def pad(b, node, gy, need):
         pads = full
     if pads[0] or pads[rank]:
         _refuse(node, "padding along the batch axis")
+    folded = _crop_into_conv(b, node, gy[0], pads, rank)
+    if folded is not None:
+        return _none(node, folded)
     return _none(node, b.op("Pad", gy[0], b.const([-p for p in pads])))   # negative pads crop
+
+
+def _crop_into_conv(b, node, g, pads, rank):
+    """g cropped by a zero Pad's spatial pads inside the convolution gradient that wrote it,
+    or None. torch ports of TensorFlow's "same" padding write an explicit Pad before each
+    convolution (EfficientNet-Lite0: 17); onnxruntime fuses it into the forward Conv, but the
+    crop of its gradient was a pass of its own (9% of the input-gradient call). A
+    ConvTranspose crops through its pads; a stride-1 Conv (autodiff_nn._flipped_conv) pads
+    less, where its pads stay >= 0."""
+    conv = b.producer(g)
+    if conv is None or not conv.name.startswith(b.prefix) or conv.op_type not in ("Conv", "ConvTranspose") \
+            or pads[1] or pads[rank + 1] or min(pads) < 0 or node.output[0] in b.wrts \
+            or attr(conv, "auto_pad", "NOTSET") != "NOTSET":
+        return None
+    n = rank - 2
+    crop = list(pads[2:rank]) + list(pads[rank + 2:])
+    old = list(attr(conv, "pads", [0] * 2 * n))
+    new = [p + c for p, c in zip(old, crop)] if conv.op_type == "ConvTranspose" else [p - c for p, c in zip(old, crop)]
+    if min(new) < 0:
+        return None
+    kept = [a for a in conv.attribute if a.name != "pads"]
+    del conv.attribute[:]
+    conv.attribute.extend(kept + [helper.make_attribute("pads", new)])
+    return g
 
 
 # ---- elementwise ----------------------------------------------------------------------
@@ -213,8 +240,10 @@ def relu(b, node, gy, need):
 
 @rule("LeakyRelu")
 def leaky_relu(b, node, gy, need):
-    low = b.op("Mul", gy[0], b.const(attr(node, "alpha", 0.01)))
-    return [b.op("Where", b.op("Greater", node.input[0], b.const(0.0)), gy[0], low)]
+    alpha = attr(node, "alpha", 0.01)
+    low = b.op("Mul", gy[0], b.const(alpha))
+    # y > 0 exactly where x > 0 for alpha >= 0: read y, as Clip does
+    return [b.op("Where", b.op("Greater", node.output[0] if alpha >= 0 else node.input[0], b.const(0.0)), gy[0], low)]
 
 
 @rule("PRelu")
@@ -227,13 +256,16 @@ def prelu(b, node, gy, need):
 @rule("Clip")
 def clip(b, node, gy, need):
     _only_first(node, need)
-    x = node.input[0]
     lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
     hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if b.opset < 11:
         lo, hi = b.const(attr(node, "min", -3.4e38)), b.const(attr(node, "max", 3.4e38))
-    masks = [b.op("Greater", x, lo)] if lo else []
-    masks += [b.op("Less", x, hi)] if hi else []
+    # the masks read the output y: lo < y < hi exactly where lo < x < hi, and x then has the
+    # Clip as its one reader, so onnxruntime fuses the Clip into the Conv before it (a ReLU6
+    # net's forward pass runs as fast as without the gradient)
+    y = node.output[0]
+    masks = [b.op("Greater", y, lo)] if lo else []
+    masks += [b.op("Less", y, hi)] if hi else []
     if not masks:
         return _none(node, gy[0])
     mask = masks[0] if len(masks) == 1 else b.op("And", *masks)

@@ -10,10 +10,13 @@ model.head.onnx
   features (N, h, w, C) -> logits, probabilities: the layers after conv4 alone, for
   methods that re-run only the head (Ablation-CAM)
 model.forward.onnx
-  image -> logits, probabilities: the main graph pruned to the classifier, for calls
-  that need probabilities alone (Score-CAM's masked inputs, the evaluation's perturbed
-  inputs, the benchmark's plain forward pass). Optional: without it the runtime runs the
-  main graph, 5-9% slower for those calls.
+  image -> logits, probabilities, features (the main graph's primary `features`): the
+  main graph pruned to the classifier, for calls that need no gradient of the main graph
+  (Score-CAM's masked inputs, the evaluation's perturbed inputs, the benchmark's plain
+  forward pass, Finer-CAM, whose gradient comes from model.headgrad.onnx). Optional:
+  without it the runtime runs the main graph, 5-9% slower for those calls. (Older exports'
+  forward files output logits and probabilities alone: the runtime then takes the main
+  graph for Finer-CAM. INT8 exports write no forward file.)
 model.blocks.onnx
   the body's five conv blocks, one per call (export/blocks.py), for Score-CAM's masked
   inputs: each runs only where its mask reaches. Optional, and written only for the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 
 from explicam import __version__
 
@@ -182,18 +186,37 @@ def blocks_path_for(onnx_path: str) -> str:
     return root + ".blocks.onnx"
 
 
-def classifier_only(main):
-    """The main graph pruned to image -> logits, probabilities. onnxruntime runs every node
-    of a graph whatever outputs are asked for, so a call for probabilities alone on the
-    main graph still pays for the gradient subgraph (5-9% here); Score-CAM's masked inputs
-    and the evaluation's perturbed inputs only need probabilities."""
+def classifier_only(main, features: bool = True):
+    """The main graph pruned to image -> logits, probabilities, features (`features=False`:
+    the first two alone). onnxruntime runs every node of a graph whatever outputs are asked
+    for, so a call for probabilities alone on the main graph still pays for the gradient
+    subgraph (5-9% here); Score-CAM's masked inputs and the evaluation's perturbed inputs
+    only need probabilities, Finer-CAM the features and logits (its gradient comes from
+    model.headgrad.onnx). The primary features are computed on the way to the logits
+    anyway: as an output they cost nothing measurable."""
     from onnx.utils import Extractor
 
-    pruned = drop_unused_optional_outputs(Extractor(main).extract_model(["image"], ["logits", "probabilities"]))
+    outputs = ["logits", "probabilities"] + (["features"] if features else [])
+    pruned = drop_unused_optional_outputs(Extractor(main).extract_model(["image"], outputs))
     export_id = {p.key: p.value for p in main.metadata_props}.get("export_id", "")
     set_metadata(pruned, {"role": "forward", "of": "the classifier of the main graph, no gradients",
                           "export_id": export_id})
     return pruned
+
+
+def forward_parity(main, forward, x) -> dict:
+    """model.forward.onnx against the main graph (onnxruntime sessions) on images x: the
+    largest difference of the probabilities, and of the features relative to their largest
+    magnitude (at least 1); the same nodes, so 0 is expected."""
+    x = np.asarray(x, np.float32)
+    want = main.run(["probabilities", "features"], {"image": x, "target": np.full(len(x), -1, np.int64)})
+    names = [o.name for o in forward.get_outputs() if o.name in ("probabilities", "features")]
+    got = dict(zip(names, forward.run(names, {"image": x})))
+    report = {"forward_probabilities": float(np.abs(got["probabilities"] - want[0]).max())}
+    if "features" in got:
+        scale = max(1.0, float(np.abs(want[1]).max()))
+        report["forward_features"] = float(np.abs(got["features"] - want[1]).max()) / scale
+    return report
 
 
 def write_atomic(data: bytes, path: str) -> None:

@@ -11,8 +11,9 @@ from explicam.export.blocks import build_blocks
 from explicam.export.geometry import geometry_for_metadata
 from explicam.export.headgrad import head_side_files
 from explicam.export.more import input_grads_path_for, more_metadata, side_file
-from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_path_for,
-                         head_path_for, load_keras_model, make_metadata, set_metadata, write_atomic)
+from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_parity,
+                                  forward_path_for, head_path_for, load_keras_model, make_metadata, set_metadata,
+                                  write_atomic)
 
 
 def resolve_model_path(kernel: int = 4, run_dir: str | None = None, model: str | None = None) -> str:
@@ -65,11 +66,9 @@ def check_parity(model, main_bytes: bytes, head_bytes: bytes, images, layer: str
     feats, logits, _ = keras_features_logits_grads(model, layer, images, 0)
     head_logits = head.run(["logits"], {"features": feats})[0]
     report["head_logits"] = float(np.abs(head_logits - logits).max())
-    if forward_bytes:  # the pruned classifier: the same nodes, so the same probabilities
+    if forward_bytes:  # the pruned classifier: the same nodes, so the same probabilities and features
         forward = ort.InferenceSession(forward_bytes, opts, providers=["CPUExecutionProvider"])
-        x = np.asarray(images, np.float32)
-        probs = session.run(["probabilities"], {"image": x, "target": np.full(len(x), -1, np.int64)})[0]
-        report["forward_probabilities"] = float(np.abs(forward.run(["probabilities"], {"image": x})[0] - probs).max())
+        report.update(forward_parity(session, forward, images))
     if blocks_bytes:  # masked images run block by block, only where the mask reaches
         report["blocks_features"] = _blocks_parity(session, head, blocks_bytes, blocks, images)
     report.update(_more_parity(model, session, images, extra, input_grads_bytes))

@@ -1,7 +1,8 @@
 """Explainer: image(s) in, class activation maps out, from the ONNX file alone.
 
 The walk: preprocess (as the metadata says) -> one onnxruntime call (logits,
-probabilities, features, exact gradients for the target) -> the method's weights or map
+probabilities, features, exact gradients for the target; Finer-CAM alone: model.forward.onnx,
+its gradients from model.headgrad.onnx) -> the method's weights or map
 (runtime/methods.py) -> ReLU -> upsampling to the input size, each cell at the centre of
 its receptive field (runtime/placement.py; `placement="naive"`: a plain stretch) -> min-max
 normalisation (camkernels).
@@ -15,7 +16,7 @@ import numpy as np
 from explicam import camkernels
 from explicam.runtime.images import heatmap_on_photo
 from explicam.runtime import placement as _placement
-from explicam.runtime.methods import METHODS, CamInputs, MethodError
+from explicam.runtime.methods import HEAD_GRAD_METHODS, METHODS, CamInputs, MethodError
 from explicam.runtime.methods_input import FEATURE_FREE, INPUT_GRAD_METHODS, input_gradients
 from explicam.runtime.model import OnnxModel
 
@@ -160,12 +161,21 @@ class Explainer:
                 **options}
         parts = {m: [] for m in methods}
         feature_free = self.model.has_input_grads and all(m in FEATURE_FREE for m in methods)
+        # Finer-CAM alone at the primary layer: features and logits from model.forward.onnx, the
+        # gradients from model.headgrad.onnx; the main graph's own gradient pass would be wasted
+        head_grad = all(m in HEAD_GRAD_METHODS for m in methods) and self.layer is self.model.feature_layers[0] \
+            and self.model.has_head_grads
         for start in range(0, len(x), self.batch_size):
             xb, tb = x[start:start + self.batch_size], targets[start:start + self.batch_size]
+            out = self.model.forward_features(xb) if head_grad else None   # None: an older forward file
             if feature_free:   # saliency, SmoothGrad, IG alone: no feature map (methods_input.FEATURE_FREE)
                 out = self._feature_free(xb, tb, "saliency" in methods, opts)
                 inputs = CamInputs(None, None, out["logits"], out["target_used"].astype(np.int64), xb, self.model,
                                    self.k, opts, self.cache, [], self.upsample, input_grads=out.get("input_grads"))
+            elif out is not None:
+                out["target_used"] = np.where(tb < 0, out["logits"].argmax(1), tb)
+                inputs = CamInputs(out["features"], None, out["logits"], out["target_used"].astype(np.int64), xb,
+                                   self.model, self.k, opts, self.cache, [], self.upsample)
             else:
                 out = self.model.run(xb, tb)
                 layers = [] if self.feature_layer is not None else \

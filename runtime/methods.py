@@ -33,7 +33,7 @@ class MethodError(ValueError):
 @dataclass
 class CamInputs:
     features: np.ndarray       # (N, h, w, C) conv4 activations A
-    grads: np.ndarray          # (N, h, w, C) d y^c / d A for each image's target c (pre-softmax score)
+    grads: np.ndarray | None   # (N, h, w, C) d y^c / d A for each image's target c (pre-softmax score)
     logits: np.ndarray         # (N, classes)
     targets: np.ndarray        # (N,) class explained per image
     inputs: np.ndarray         # (N, S, S, 3) the preprocessed images
@@ -111,6 +111,11 @@ def finercam_references(logits: np.ndarray, targets: np.ndarray, k: int) -> np.n
     return np.argsort(dist, axis=1, kind="stable")[:, :k]
 
 
+# methods that need the features and logits alone, their gradients from model.headgrad.onnx: alone
+# (at the primary layer), they skip the main graph for model.forward.onnx (runtime/explainer.py)
+HEAD_GRAD_METHODS = {"finercam"}
+
+
 @register("finercam")
 def finercam(a: CamInputs):
     """Finer-CAM (Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for
@@ -127,12 +132,16 @@ def finercam(a: CamInputs):
     p / (p + 1e-9) is constant to within 1e-9 / p).
     Gradients are linear in the seed: one pass of the head's gradient graph seeded with S
     (model.headgrad.onnx) gives d S / d A; an export without that file runs the main graph
-    once more per reference class (all images and references in one batch)."""
+    once more per reference class (all images and references in one batch).
+    `a.grads` may be None (the explainer ran model.forward.onnx alone): the target's gradient
+    then comes from the head's graph too, or from the main graph where it is missing."""
     n = len(a.targets)
     refs = finercam_references(a.logits, a.targets, a.options.get("finercam_k", 3))
     alpha = float(a.options.get("finercam_alpha", 1.0))
     if refs.shape[1] == 0:  # a one-class model has nothing to compare with
-        return a.k.channel_mean(a.grads)
+        grads = None if a.grads is not None or not a.primary else \
+            a.model.head_grads(a.features, np.eye(a.logits.shape[1], dtype=np.float32)[a.targets])
+        return a.k.channel_mean(grads if grads is not None else _target_grads(a))
     z = a.logits.astype(np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -146,13 +155,22 @@ def finercam(a: CamInputs):
         grads = a.model.head_grads(a.features, seed)
         if grads is not None:
             return a.k.channel_mean(grads)
-    reps = np.repeat(np.arange(n), k)
-    batch = int(a.options.get("batch_size", 32))
-    g_refs = np.concatenate([a.model.run(a.inputs[reps[s:s + batch]], refs.reshape(-1)[s:s + batch],
-                                         [a.grads_output])[a.grads_output] for s in range(0, n * k, batch)])
+    g_refs = _main_graph_grads(a, np.repeat(np.arange(n), k), refs.reshape(-1))
     ref_w = a.k.channel_mean(g_refs).reshape(n, k, -1).astype(np.float64)
-    target_w = a.k.channel_mean(a.grads).astype(np.float64)
+    target_w = a.k.channel_mean(_target_grads(a)).astype(np.float64)
     return (w.sum(axis=1, keepdims=True) * target_w - alpha * np.einsum("nk,nkc->nc", w, ref_w)).astype(np.float32)
+
+
+def _main_graph_grads(a: CamInputs, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The layer's gradients of class classes[i] for image images[i], from model.onnx in batches."""
+    batch = int(a.options.get("batch_size", 32))
+    return np.concatenate([a.model.run(a.inputs[images[s:s + batch]], classes[s:s + batch],
+                                       [a.grads_output])[a.grads_output] for s in range(0, len(images), batch)])
+
+
+def _target_grads(a: CamInputs) -> np.ndarray:
+    """a.grads, or the targets' gradients from model.onnx where the explainer did not run it."""
+    return a.grads if a.grads is not None else _main_graph_grads(a, np.arange(len(a.targets)), a.targets)
 
 
 @register("scorecam")

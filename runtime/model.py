@@ -85,10 +85,11 @@ class OnnxModel:
         self.kernel = meta.get("kernel")
         self.input_name = meta.get("input_name", "image")
         self._head = None
-        self._headgrad = None  # model.headgrad.onnx's session, opened on first use; False: none
+        self._headgrad = {}  # {threads: model.headgrad.onnx's session or None}, each opened on first use
         self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
         self._input_grads = None  # model.inputgrads.onnx's session (export --input-grads), opened on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
+        self._forward_features = False  # that session outputs `features` (older exports' do not)
         self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
 
     @property
@@ -187,7 +188,18 @@ class OnnxModel:
         if self._forward is None:
             name = self.meta.get("forward_file")
             self._forward = (self._side_file(name) if name else None) or False
+            self._forward_features = bool(self._forward) and "features" in [o.name for o in self._forward.get_outputs()]
         return self._forward or None
+
+    def forward_features(self, x: np.ndarray):
+        """{"logits", "probabilities", "features"} (the primary layer's) from one pass of
+        model.forward.onnx, without the main graph's gradient subgraph; None when the export
+        has no forward file or an older one without `features` (the main graph answers)."""
+        forward = self.forward_session()
+        if forward is None or not self._forward_features:
+            return None
+        names = ["logits", "probabilities", "features"]
+        return dict(zip(names, forward.run(names, {self.input_name: np.ascontiguousarray(x, np.float32)})))
 
     def masked_forward(self):
         """A MaskedForward (Score-CAM's masked inputs, run only where each mask reaches) over
@@ -241,14 +253,32 @@ class OnnxModel:
         """d sum_c seed[n, c] logits[n, c] / d features (N, h, w, C) through the head alone
         (model.headgrad.onnx: Finer-CAM's score combinations in one cheap pass), or None when
         the export wrote no such file (older exports, heads that read the image): the caller
-        then runs model.onnx once per class instead."""
-        if self._headgrad is None:
-            name = self.meta.get("headgrad_file")
-            self._headgrad = (self._side_file(name) if name else None) or False
-        if not self._headgrad:
+        then runs model.onnx once per class instead.
+        A pass of one or two images runs on one thread: the head is too small to split (at
+        batch 1 on 2 cores, 0.13 vs 0.17 ms on the seed's 14x14x256 head, 0.10 vs 0.12 ms on
+        EfficientNet-Lite0's); from batch 4 on the machine's threads win (seed, batch 32:
+        3.6 vs 4.7 ms)."""
+        session = self._headgrad_session(1 if len(features) <= 2 else self.threads)
+        if session is None:
             return None
-        return self._headgrad.run(["grads"], {"features": np.ascontiguousarray(features, np.float32),
-                                              "seed": np.ascontiguousarray(seed, np.float32)})[0]
+        return session.run(["grads"], {"features": np.ascontiguousarray(features, np.float32),
+                                       "seed": np.ascontiguousarray(seed, np.float32)})[0]
+
+    @property
+    def has_head_grads(self) -> bool:
+        """True when model.headgrad.onnx is there and of this export (head_grads answers)."""
+        return self._headgrad_session(1) is not None
+
+    def _headgrad_session(self, threads: int | None):
+        """model.headgrad.onnx's session with `threads` intra-op threads (None: the model's
+        own), opened on first use, or None when the export has no usable such file."""
+        if threads not in self._headgrad:
+            name = self.meta.get("headgrad_file")
+            if not name or (self._headgrad and not any(self._headgrad.values())):
+                self._headgrad[threads] = None   # none, or one already found missing or foreign
+            else:
+                self._headgrad[threads] = self._side_file(name, threads=threads)
+        return self._headgrad[threads]
 
 
     def recipro(self, features: np.ndarray, chunk: int = 8):

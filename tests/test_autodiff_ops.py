@@ -38,6 +38,10 @@ def _model(nodes, inputs, inits=None, opset=17, output="y"):
 
 def _grad_session(model, wrt="x", out="y"):
     """The model plus an input `seed` (shaped like out) and an output `grad` = J^T seed."""
+    return _session(_grad_model(model, wrt, out))
+
+
+def _grad_model(model, wrt="x", out="y"):
     m = copy.deepcopy(model)
     shapes, dtypes = graph.infer_shapes(m)
     feeds = {i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim], np.float32) for i in m.graph.input}
@@ -47,7 +51,7 @@ def _grad_session(model, wrt="x", out="y"):
     b = autodiff.Builder(m, shapes, dtypes, graph.opset_of(m))
     b.node("Identity", [autodiff.backward(b, forward, wrt, out, "seed")], ["grad"])
     m.graph.output.append(helper.make_tensor_value_info("grad", F32, None))
-    return _session(m)
+    return m
 
 
 def check_adjoint(model, x, seed=0):
@@ -233,6 +237,25 @@ def test_pad(opset, pads, axes):
     if axes:
         inits["axes"], names = np.array(axes), names + ("axes",)
     check_adjoint(_one("Pad", (2, 3, 5, 6), inits, opset, inputs=names), _x((2, 3, 5, 6)))
+
+
+# EfficientNet-Lite0's torch port: an explicit zero Pad before each convolution, whose gradient
+# crop goes into the convolution's gradient (autodiff_rules._crop_into_conv) where it can
+@pytest.mark.parametrize("pads, attrs, ws, folded", [
+    ([0, 0, 1, 1, 0, 0, 2, 2], {"strides": [2, 2], "group": 4}, (4, 1, 5, 5), True),   # ConvTranspose
+    ([0, 0, 0, 0, 0, 0, 1, 1], {"strides": [2, 2]}, (8, 3, 3, 3), True),                # the stem, from 3 channels
+    ([0, 0, 2, 1, 0, 0, 0, 2], {"group": 4}, (4, 1, 3, 3), True),                        # stride 1: a Conv pads less
+    ([0, 0, 1, 1, 0, 0, 1, 1], {"pads": [1, 0, 0, 1]}, (6, 4, 3, 2), True),
+    ([0, 0, 3, 0, 0, 0, 0, 3], {}, (6, 8, 2, 2), False),                                 # beyond a Conv's pads: a Pad
+    ([0, 1, 1, 1, 0, 0, 1, 1], {}, (6, 5, 3, 3), False)])                                # a channel padded: a Pad
+def test_pad_before_conv(pads, attrs, ws, folded):
+    xs = (2, ws[1] * attrs.get("group", 1) - (1 if pads[1] else 0), 9, 8)
+    w = np.random.default_rng(0).standard_normal(ws)
+    model = _model([helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("Conv", ["p", "w"], ["y"], **attrs)],
+                   {"x": xs}, {"pads": np.array(pads), "w": w})
+    check_adjoint(model, _x(xs))
+    made = [n.op_type for n in _grad_model(model).graph.node[2:]]
+    assert ("Pad" not in made) == folded, made
 
 
 def test_split_concat_and_accumulation():

@@ -85,14 +85,16 @@ def test_outputs_shapes_and_metadata(onnx_model, trained_run):
     assert meta["explicam_version"] and meta["head_file"] == "model.head.onnx"
     head = _session(str(onnx_model.parent / "model.head.onnx"))
     np.testing.assert_allclose(head.run(["logits"], {"features": out["features"]})[0], out["logits"], atol=1e-4)
-    # the pruned classifier: the image alone in, logits and probabilities out, the same numbers
+    # the pruned classifier: the image alone in, logits, probabilities and the primary features
+    # out (Finer-CAM alone reads them: runtime/explainer.py), the same numbers as the main graph
     assert meta["forward_file"] == "model.forward.onnx"
     forward = _session(str(onnx_model.parent / "model.forward.onnx"))
     assert [i.name for i in forward.get_inputs()] == ["image"]
-    assert [o.name for o in forward.get_outputs()] == ["logits", "probabilities"]
-    logits, probs = forward.run(None, {"image": x})
+    assert [o.name for o in forward.get_outputs()] == ["logits", "probabilities", "features"]
+    logits, probs, feats = forward.run(None, {"image": x})
     np.testing.assert_allclose(logits, out["logits"], atol=1e-6)
     np.testing.assert_allclose(probs, out["probabilities"], atol=1e-7)
+    np.testing.assert_array_equal(feats, out["features"])
 
 
 def test_probabilities_use_the_pruned_classifier_and_work_without_it(onnx_model, tmp_path):
@@ -166,6 +168,7 @@ def test_export_cli_writes_files_and_reports_parity(trained_run, tmp_path):
     assert "parity on 2 validation images" in res.stdout and "grads_rel" in res.stdout
     assert out.is_file() and (tmp_path / "m" / "model.head.onnx").is_file()
     assert (tmp_path / "m" / "model.forward.onnx").is_file() and "forward_probabilities" in res.stdout
+    assert "forward_features 0.0e+00" in res.stdout
     assert not list(tmp_path.glob("m/*.partial"))
 
 

@@ -61,6 +61,61 @@ def test_an_export_without_the_side_file_still_explains(onnx_model, val_images, 
                                rtol=1e-4, atol=1e-6)
 
 
+def _counting_main_graph(explainer) -> list:
+    """The calls of the explainer's model.onnx from now on."""
+    calls, run = [], explainer.model.run
+    explainer.model.run = lambda *args, **kw: calls.append(args) or run(*args, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_finercam_alone_skips_the_main_graph_and_agrees_with_it(onnx_model, val_images, n):
+    """Finer-CAM alone: model.forward.onnx's features and logits, model.headgrad.onnx's
+    gradients (one thread at batch 1); beside Grad-CAM it takes the main graph: the same maps."""
+    ex = Explainer(onnx_model)
+    images, target = _inputs(val_images)[:n], [None, 1, 0, 3][:n]
+    calls = _counting_main_graph(ex)
+    for opts in ({}, {"finercam_k": 1, "finercam_alpha": 0.6}):
+        alone = ex.explain(images, "finercam", target=target, **opts)
+        assert not calls
+        both = ex.explain_methods(images, ["finercam", "gradcam"], target=target, **opts)["finercam"]
+        assert len(calls) == 1
+        calls.clear()
+        np.testing.assert_array_equal(alone.targets, both.targets)
+        np.testing.assert_allclose(alone.logits, both.logits, atol=1e-6)
+        np.testing.assert_allclose(alone.probabilities, both.probabilities, atol=1e-7)
+        np.testing.assert_allclose(alone.cams, both.cams, rtol=1e-5, atol=1e-6 * both.cams.max())
+    # no reference class (finercam_k=0): the target's own gradient, from the head's graph too
+    zero = ex.explain(images, "finercam", target=target, finercam_k=0)
+    assert not calls
+    np.testing.assert_allclose(zero.cams, ex.explain(images, "gradcam", target=target).cams, rtol=1e-5,
+                               atol=1e-6 * zero.cams.max())
+
+
+def test_a_forward_file_without_features_takes_the_main_graph(onnx_model, val_images, tmp_path):
+    """An older export: model.forward.onnx outputs logits and probabilities alone."""
+    import shutil
+
+    folder = os.path.dirname(onnx_model)
+    for name in os.listdir(folder):
+        if name.startswith("model.") and name.endswith(".onnx"):
+            shutil.copy(os.path.join(folder, name), tmp_path / name)
+    forward = onnx.load(str(tmp_path / "model.forward.onnx"))
+    keep = [o for o in forward.graph.output if o.name != "features"]
+    del forward.graph.output[:]
+    forward.graph.output.extend(keep)
+    onnx.save(forward, str(tmp_path / "model.forward.onnx"))
+    old = Explainer(str(tmp_path / "model.onnx"))
+    assert old.model.forward_session() is not None and old.model.forward_features(np.zeros((1, *old.input_hw, 3))) is None
+    calls = _counting_main_graph(old)
+    images = _inputs(val_images)[:3]
+    got = old.explain(images, "finercam", target=[0, None, 2])
+    assert len(calls) == 1
+    want = Explainer(onnx_model).explain(images, "finercam", target=[0, None, 2])
+    np.testing.assert_array_equal(got.targets, want.targets)
+    np.testing.assert_allclose(got.cams, want.cams, rtol=1e-5, atol=1e-6 * want.cams.max())
+
+
 def test_finercam_on_another_layer_reads_that_layers_gradients(tmp_path):
     """An export with three layers: Finer-CAM at features_1 (no side file for it) is w (g_t -
     alpha g_d) of that layer's own gradients, each from model.onnx with one target (k = 1:
