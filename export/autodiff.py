@@ -49,6 +49,7 @@ class Builder:
             {i.name for i in model.graph.input} | {n.name for n in model.graph.node}
         self.count, self.cache = 0, {}
         self.rules, self.passthrough, self.wrts, self._consumers = None, set(), set(), None
+        self.broadcasts = {}   # {g: (u, k, u's shape)}: g = u * constant k, a broadcast (see transpose)
 
     def consumers(self, name) -> list:
         """The nodes of the original graph (not the ones made here) that read tensor `name`."""
@@ -129,6 +130,19 @@ class Builder:
             return g
         summed = self.op("ReduceSum", g, self.const(axes), keepdims=1)
         return self.op("Reshape", summed, self.const(list(xs))) if lead else summed
+
+    def transpose(self, g, perm) -> str:
+        """g transposed. A broadcast u * k (a global pool's gradient: (N, C, 1, 1) times a constant
+        (1, 1, h, w)) whose u keeps its axes' order under perm becomes Reshape(u) * k transposed:
+        no (N, C, h, w) tensor is written twice (onnxruntime, 7x7x1280: 8 us against 54)."""
+        perm = [int(p) for p in perm]
+        if g in self.broadcasts and perm[0] == 0:
+            u, k, us = self.broadcasts[g]
+            moved = [perm.index(i) for i in range(len(us)) if us[i] != 1]
+            if moved == sorted(moved) and k.ndim == len(perm):
+                shape = [0] + [int(us[p]) for p in perm[1:]]
+                return self.op("Mul", self.op("Reshape", u, self.const(shape)), self.const(k.transpose(perm)))
+        return self.op("Transpose", g, perm=perm)
 
     def total(self, parts):
         if not parts:
@@ -234,6 +248,17 @@ def target_seed(b: Builder, score: str, used: str, classes: int) -> tuple[str, s
     as nearly every classifier ends, d score[t] / d x is W's row t: start the walk at x with
     a Gather of the targets' rows. The one-hot path multiplies the seed by the whole
     (classes, K) weight, EfficientNet-Lite0's 1000x1280: a tenth of its Grad-CAM overhead."""
+    start, rows = linear_rows(b, score, classes)
+    if rows is not None:
+        return start, b.op("Gather", b.const(rows), used, axis=0)
+    # Equal against 0..C-1 rather than OneHot: the same mask, cheaper in onnxruntime
+    hit = b.op("Equal", b.op("Unsqueeze", used, b.const([1])), b.const(np.arange(classes).reshape(1, -1)))
+    return score, b.op("Cast", hit, to=onnx.TensorProto.FLOAT)
+
+
+def linear_rows(b: Builder, score: str, classes: int):
+    """(x, rows) when `score` is x W^T (+ constant bias) with constant W: d score[c] / d x =
+    rows[c], float32 (classes, K); else (score, None)."""
     start = score
     node = b.producer(start)
     while node is not None and node.op_type in ("Identity", "Add") and start not in b.wrts:
@@ -255,10 +280,8 @@ def target_seed(b: Builder, score: str, used: str, classes: int) -> tuple[str, s
         elif node.op_type == "MatMul" and wv is not None and wv.ndim == 2 and len(b.shape(a)) == 2:
             rows = wv.T
     if rows is not None and rows.shape[0] == classes:
-        return a, b.op("Gather", b.const(rows.astype(np.float32)), used, axis=0)
-    # Equal against 0..C-1 rather than OneHot: the same mask, cheaper in onnxruntime
-    hit = b.op("Equal", b.op("Unsqueeze", used, b.const([1])), b.const(np.arange(classes).reshape(1, -1)))
-    return score, b.op("Cast", hit, to=onnx.TensorProto.FLOAT)
+        return a, rows.astype(np.float32)
+    return score, None
 
 
 def gradient_model(g: Graph, features: str, extra=()) -> onnx.ModelProto:
@@ -307,7 +330,7 @@ def gradient_model(g: Graph, features: str, extra=()) -> onnx.ModelProto:
         fs = shapes[t]
         t_nhwc = [fs[2], fs[3], fs[1]] if t_nchw else [fs[1], fs[2], fs[3]]
         for src, name in zip((t, grad), layer_outputs(k)):
-            b.node("Transpose", [src], [name], perm=[0, 2, 3, 1]) if t_nchw else b.node("Identity", [src], [name])
+            b.node("Identity", [b.transpose(src, [0, 2, 3, 1]) if t_nchw else src], [name])
         described.append({"layer": t, "features": layer_outputs(k)[0], "grads": layer_outputs(k)[1],
                           "layout": "NCHW" if t_nchw else "NHWC", "feature_shape": t_nhwc})
     nhwc = described[0]["feature_shape"]

@@ -69,7 +69,7 @@ def reshape(b, node, gy, need):
 @rule("Transpose")
 def transpose(b, node, gy, need):
     perm = attr(node, "perm") or list(range(len(b.shape(node.input[0])) - 1, -1, -1))
-    return [b.op("Transpose", gy[0], perm=[int(i) for i in np.argsort(perm)])]
+    return [b.transpose(gy[0], np.argsort(perm))]
 
 
 @rule("Concat")

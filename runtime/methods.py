@@ -140,7 +140,7 @@ def finercam(a: CamInputs):
     alpha = float(a.options.get("finercam_alpha", 1.0))
     if refs.shape[1] == 0:  # a one-class model has nothing to compare with
         grads = None if a.grads is not None or not a.primary else \
-            a.model.head_grads(a.features, np.eye(a.logits.shape[1], dtype=np.float32)[a.targets])
+            a.model.head_grads(a.features, (a.targets[:, None], np.ones((n, 1))))
         return a.k.channel_mean(grads if grads is not None else _target_grads(a))
     z = a.logits.astype(np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))
@@ -148,11 +148,10 @@ def finercam(a: CamInputs):
     w = np.take_along_axis(p, refs, axis=1)
     w /= w.sum(axis=1, keepdims=True) + 1e-9
     k = refs.shape[1]
-    if a.primary:   # one pass of model.headgrad.onnx, seeded with S itself
-        seed = np.zeros(a.logits.shape, np.float64)
-        seed[np.arange(n), a.targets] = w.sum(axis=1)
-        np.add.at(seed, (np.repeat(np.arange(n), k), refs.reshape(-1)), -alpha * w.reshape(-1))
-        grads = a.model.head_grads(a.features, seed)
+    if a.primary:   # one pass of model.headgrad.onnx, seeded with S itself: k + 1 classes per image
+        classes = np.concatenate([a.targets[:, None], refs], axis=1)
+        weights = np.concatenate([w.sum(axis=1, keepdims=True), -alpha * w], axis=1)
+        grads = a.model.head_grads(a.features, (classes, weights))
         if grads is not None:
             return a.k.channel_mean(grads)
     g_refs = _main_graph_grads(a, np.repeat(np.arange(n), k), refs.reshape(-1))

@@ -249,11 +249,12 @@ class OnnxModel:
         return self._head.run([output], {"features": np.ascontiguousarray(features, np.float32)})[0]
 
 
-    def head_grads(self, features: np.ndarray, seed: np.ndarray):
+    def head_grads(self, features: np.ndarray, seed):
         """d sum_c seed[n, c] logits[n, c] / d features (N, h, w, C) through the head alone
         (model.headgrad.onnx: Finer-CAM's score combinations in one cheap pass), or None when
         the export wrote no such file (older exports, heads that read the image): the caller
-        then runs model.onnx once per class instead.
+        then runs model.onnx once per class instead. `seed`: (N, classes), or the pair
+        (classes (N, K) int, weights (N, K)) of its few nonzero entries, which the file takes.
         A pass of one or two images runs on one thread: the head is too small to split (at
         batch 1 on 2 cores, 0.13 vs 0.17 ms on the seed's 14x14x256 head, 0.10 vs 0.12 ms on
         EfficientNet-Lite0's); from batch 4 on the machine's threads win (seed, batch 32:
@@ -261,8 +262,17 @@ class OnnxModel:
         session = self._headgrad_session(1 if len(features) <= 2 else self.threads)
         if session is None:
             return None
+        n = len(features)
+        if isinstance(seed, tuple):
+            classes, weights = (np.asarray(v).reshape(n, -1) for v in seed)
+        else:   # the nonzero entries of each row, first; the file then reads only their rows
+            dense = np.asarray(seed).reshape(n, -1)
+            nonzero = dense != 0
+            classes = np.argsort(~nonzero, axis=1, kind="stable")[:, :max(1, int(nonzero.sum(axis=1).max()))]
+            weights = np.take_along_axis(dense, classes, axis=1)
         return session.run(["grads"], {"features": np.ascontiguousarray(features, np.float32),
-                                       "seed": np.ascontiguousarray(seed, np.float32)})[0]
+                                       "classes": np.ascontiguousarray(classes, np.int64),
+                                       "weights": np.ascontiguousarray(weights, np.float32)})[0]
 
     @property
     def has_head_grads(self) -> bool:
@@ -271,13 +281,16 @@ class OnnxModel:
 
     def _headgrad_session(self, threads: int | None):
         """model.headgrad.onnx's session with `threads` intra-op threads (None: the model's
-        own), opened on first use, or None when the export has no usable such file."""
+        own), opened on first use, or None when the export has no usable such file (an
+        earlier export's took a dense seed: its Finer-CAM runs the main graph instead)."""
         if threads not in self._headgrad:
             name = self.meta.get("headgrad_file")
-            if not name or (self._headgrad and not any(self._headgrad.values())):
-                self._headgrad[threads] = None   # none, or one already found missing or foreign
-            else:
-                self._headgrad[threads] = self._side_file(name, threads=threads)
+            session = None
+            if name and not (self._headgrad and not any(self._headgrad.values())):   # not already found unusable
+                session = self._side_file(name, threads=threads)
+            if session is not None and [i.name for i in session.get_inputs()] != ["features", "classes", "weights"]:
+                session = None
+            self._headgrad[threads] = session
         return self._headgrad[threads]
 
 

@@ -192,6 +192,17 @@ def test_global_pools(op):
     check_adjoint(_one(op, (2, 3, 5, 4)), _x((2, 3, 5, 4)))
 
 
+# a torch network's features in NHWC, then its global pool: the pool's broadcast gradient and the
+# transpose back fold into one Mul (autodiff.Builder.transpose) where the batch stays first
+@pytest.mark.parametrize("perm, folded", [([0, 3, 1, 2], True), ([1, 0, 2, 3], False)])
+def test_transpose_then_global_average_pool(perm, folded):
+    model = _model([helper.make_node("Transpose", ["x"], ["t"], perm=perm), helper.make_node("GlobalAveragePool", ["t"], ["y"])],
+                   {"x": (2, 5, 4, 3)})
+    check_adjoint(model, _x((2, 5, 4, 3)))
+    made = [n.op_type for n in _grad_model(model).graph.node[2:]]
+    assert ("Transpose" not in made and "Expand" not in made) == folded, made
+
+
 def test_global_max_pool_ties():
     x = np.zeros((1, 2, 3, 3), np.float32)
     x[0, 1, 1, 2] = x[0, 1, 2, 0] = 1.0

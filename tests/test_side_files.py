@@ -21,7 +21,8 @@ def test_headgrad_is_the_seeded_sum_of_class_gradients(which, request, val_image
     model = OnnxModel(path)
     assert model.meta["headgrad_file"] == "model.headgrad.onnx"
     side = onnx.load(os.path.join(os.path.dirname(path), "model.headgrad.onnx"))
-    assert {i.name for i in side.graph.input} == {"features", "seed"} and [o.name for o in side.graph.output] == ["grads"]
+    assert [i.name for i in side.graph.input] == ["features", "classes", "weights"]
+    assert [o.name for o in side.graph.output] == ["grads"]
     x = model.preprocess(_inputs(val_images)[:3])
     classes = model.num_classes
     per_class = []
@@ -32,6 +33,14 @@ def test_headgrad_is_the_seeded_sum_of_class_gradients(which, request, val_image
     seed = np.random.default_rng(0).normal(size=(len(x), classes)).astype(np.float32)
     want = np.einsum("nc,cnhwk->nhwk", seed.astype(np.float64), np.stack(per_class).astype(np.float64))
     got = model.head_grads(feats, seed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # the file's own form: a few (class, weight) pairs per image, a class named twice adds up
+    pairs = np.array([[1, 0, 1], [2, 2, 0], [classes - 1, 0, 3]]) % classes
+    weights = np.array([[0.5, -2.0, 1.5], [1.0, 1.0, -0.25], [3.0, 0.0, 1.0]])
+    dense = np.zeros((len(x), classes))
+    np.add.at(dense, (np.repeat(np.arange(len(x)), 3), pairs.reshape(-1)), weights.reshape(-1))
+    want = np.einsum("nc,cnhwk->nhwk", dense, np.stack(per_class).astype(np.float64))
+    got = model.head_grads(feats, (pairs, weights))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
@@ -185,3 +194,31 @@ def test_heads_of_other_shapes_get_no_recipro_file():
     del head.graph.node[:]
     head.graph.node.extend(nodes)
     assert recipro_model(head) is not None
+
+
+def test_headgrad_of_a_head_without_a_final_linear_layer():
+    """A head that ends in global pooling (SqueezeNet's 1x1 conv to the classes, then the mean):
+    the seed goes in as one-hot rows of the logits. d logits[c] / d features[i, j, k] is
+    [k == c] / (h w), summed with the weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from explicam.export.headgrad import headgrad_model
+
+    n, h, w, c = 2, 3, 4, 5
+    g = helper.make_graph([helper.make_node("Transpose", ["features"], ["t"], perm=[0, 3, 1, 2]),
+                           helper.make_node("GlobalAveragePool", ["t"], ["p"]),
+                           helper.make_node("Flatten", ["p"], ["logits"]),
+                           helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "head",
+                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", h, w, c])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", c]) for o in ("logits", "probabilities")])
+    side = headgrad_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    s = ort.InferenceSession(side.SerializeToString(), providers=["CPUExecutionProvider"])
+    classes, weights = np.array([[0, 3, 3], [4, 1, 0]]), np.array([[1.0, -0.5, 2.0], [0.25, 1.0, -1.0]], np.float32)
+    got = s.run(None, {"features": np.random.default_rng(0).random((n, h, w, c), dtype=np.float32),
+                       "classes": classes, "weights": weights})[0]
+    want = np.zeros((n, h, w, c))
+    for i in range(n):
+        for cls, wt in zip(classes[i], weights[i]):
+            want[i, :, :, cls] += wt / (h * w)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
