@@ -166,8 +166,9 @@ def _crop_into_conv(b, node, g, pads, rank):
     conv = b.producer(g)
     if conv is None or not conv.name.startswith(b.prefix) or conv.op_type not in ("Conv", "ConvTranspose") \
             or pads[1] or pads[rank + 1] or min(pads) < 0 or node.output[0] in b.wrts \
-            or attr(conv, "auto_pad", "NOTSET") != "NOTSET":
-        return None
+            or attr(conv, "auto_pad", "NOTSET") != "NOTSET" \
+            or (conv.op_type == "Conv" and any(s != 1 for s in attr(conv, "strides", [1]))):
+        return None   # a strided Conv (a ConvTranspose's gradient) would shift its grid by stride * crop
     n = rank - 2
     crop = list(pads[2:rank]) + list(pads[rank + 2:])
     old = list(attr(conv, "pads", [0] * 2 * n))

@@ -192,6 +192,19 @@ def test_global_pools(op):
     check_adjoint(_one(op, (2, 3, 5, 4)), _x((2, 3, 5, 4)))
 
 
+# a Pad before a ConvTranspose (whose gradient is a strided Conv) or an average pool
+@pytest.mark.parametrize("op, attrs, ws", [("ConvTranspose", {"strides": [2, 2], "pads": [2, 2, 2, 2]}, (4, 3, 3, 3)),  # a strided Conv
+                                            ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2]}, None)])
+def test_pad_before_other_windowed_ops(op, attrs, ws):
+    inits = {"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1])}
+    names = ["p"]
+    if ws:
+        inits["w"], names = np.random.default_rng(0).standard_normal(ws), ["p", "w"]
+    model = _model([helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node(op, names, ["y"], **attrs)],
+                   {"x": (2, 4, 7, 6)}, inits)
+    check_adjoint(model, _x((2, 4, 7, 6)))
+
+
 # a torch network's features in NHWC, then its global pool: the pool's broadcast gradient and the
 # transpose back fold into one Mul (autodiff.Builder.transpose) where the batch stays first
 @pytest.mark.parametrize("perm, folded", [([0, 3, 1, 2], True), ([1, 0, 2, 3], False)])
