@@ -167,7 +167,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                 slow["saliency"] = lambda: ex["numba"].explain(x_u8, "saliency")
             if method == "scorecam" and model.masked_forward() is not None:  # before/after receptive-field crops
                 slow["whole"] = lambda m=method: ex["numba"].explain(x_u8, m, scorecam_crop=False)
-            rounds = (5 if batch <= 4 else 2) if method in SAMPLE_OPTIONS else (3 if batch <= 4 else 1)
+            # at batch 32 a round of SmoothGrad or IG lasts seconds, long enough for this VM to drift: 4
+            rounds = (5 if batch <= 4 else 4) if method in SAMPLE_OPTIONS else (3 if batch <= 4 else 1)
             ms = _interleaved(slow, batch, 0.0, min_rounds=rounds)
             ms["forward"] /= 10
             label = {"rise": f"rise ({RISE_MASKS} masks)", **{m: f"{m} ({GRAD_SAMPLES} samples)" for m in SAMPLE_OPTIONS}}
