@@ -142,9 +142,9 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     if not report["prologue"] <= 1e-5:
         bad.append(f"prologue differs by {report['prologue']:.2e} (tolerance 1e-05)")
     head = head_model(main)
-    sides = []   # model.headgrad.onnx, model.recipro.onnx: each must agree with model.onnx and its head
+    sides, head_meta = [], {}   # model.headgrad.onnx, model.recipro.onnx: each must agree with model.onnx and its head
     if head is not None:
-        sides, checks = head_side_files(main, head, np.random.default_rng(3).random((4, *hw, 3)))
+        sides, checks, head_meta = head_side_files(main, head, np.random.default_rng(3).random((4, *hw, 3)))
         report.update(checks)
         bad += [f"{k} differs by {v:.2e} (tolerance 1e-04)" for k, v in checks.items() if not v <= 1e-4]
     log("self-check with onnxruntime, every check: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
@@ -179,6 +179,7 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
         "head_file": os.path.basename(head_path_for(out)) if head is not None else "",
         "forward_file": os.path.basename(forward_path_for(out)),
         **{key: os.path.basename(path_for(out)) for key, path_for, _ in sides},
+        **head_meta,
         "blocks_file": "",
         "blocks": {},
         "export_id": uuid.uuid4().hex,

@@ -85,16 +85,49 @@ def headgrad_error(main: onnx.ModelProto, headgrad: onnx.ModelProto, images) -> 
     return float(np.abs(mine - grads).max() / max(float(np.abs(grads).max()), 1e-30))
 
 
-def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tuple[list, dict]:
+def channel_grads_constant(main: onnx.ModelProto, headgrad: onnx.ModelProto, images, classes: int = 8) -> bool:
+    """True when mean_ij d logits[c] / d features[n, i, j, k] is the same for every input: the
+    head is pooling (max or average, global or windowed), flatten and linear layers. A
+    max-pool's gradient moves each window's gradient to one of its elements, so the per-channel
+    sum does not depend on which; a linear layer's does not depend on its input at all. Then
+    Grad-CAM's and Finer-CAM's channel weights are rows of one (classes, C) matrix, which the
+    runtime reads once per class from model.headgrad.onnx and reuses (OnnxModel.channel_grad_rows).
+    Measured, not inferred from op types: the channel means on the images' own features and on
+    signed and non-negative random ones (which flip any ReLU or max inside the head) must agree
+    to 1e-5 for several classes."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    x = np.ascontiguousarray(images[:4], np.float32)
+    feats, logits = ort.InferenceSession(main.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        ["features", "logits"], {"image": x})
+    rng = np.random.default_rng(11)
+    scale = max(float(np.abs(feats).max()), 1e-3)
+    noise = rng.normal(0, scale, size=(len(x), *feats.shape[1:]))
+    feats = np.concatenate([feats, noise, np.abs(noise)]).astype(np.float32)
+    session = ort.InferenceSession(headgrad.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for c in rng.permutation(logits.shape[1])[:classes]:
+        (g,) = session.run([OUTPUT], {"features": feats, CLASSES: np.full((len(feats), 1), c, np.int64),
+                                      WEIGHTS: np.ones((len(feats), 1), np.float32)})
+        means = g.astype(np.float64).mean(axis=(1, 2))
+        if np.abs(means - means[0]).max() > 1e-5 * max(float(np.abs(means).max()), 1e-30):
+            return False
+    return True
+
+
+def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tuple[list, dict, dict]:
     """The files made from the head, each checked: ([(metadata key, path_for, ModelProto)],
-    {check name: error}). model.headgrad.onnx always; model.recipro.onnx for heads that
-    begin with a pooling or Flatten + dense layer (export/recipro.py)."""
+    {check name: error}, {metadata key: value}). model.headgrad.onnx always; model.recipro.onnx
+    for heads that begin with a pooling or Flatten + dense layer (export/recipro.py). The
+    metadata says whether the head's channel-mean gradients are constant (head_channel_grads)."""
     import onnxruntime as ort
 
     from .recipro import recipro_error, recipro_model, recipro_path_for
 
     grad = headgrad_model(head)
     files, checks = [("headgrad_file", headgrad_path_for, grad)], {"headgrad": headgrad_error(main, grad, images)}
+    meta = {"head_channel_grads": "constant" if channel_grads_constant(main, grad, images) else "varying"}
     recipro = recipro_model(head)
     if recipro is not None:
         opts = ort.SessionOptions()
@@ -103,4 +136,4 @@ def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tup
         (feats,) = session.run(["features"], {"image": np.ascontiguousarray(images[:2], np.float32)})
         files.append(("recipro_file", recipro_path_for, recipro))
         checks["recipro"] = recipro_error(head, recipro, feats)
-    return files, checks
+    return files, checks, meta

@@ -178,8 +178,8 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
         images = np.random.default_rng(0).random((samples, size, size, 3), dtype=np.float32)
         source = "random images (the run's dataset was not found)"
     meta.update(more_metadata(main, [layer, *extra_layers], input_grads, images[:4], source, out, log))
-    sides, checks = head_side_files(main, head, images)   # each must agree with model.onnx and its head
-    meta.update({key: os.path.basename(path_for(out)) for key, path_for, _ in sides})
+    sides, checks, head_meta = head_side_files(main, head, images)   # each must agree with model.onnx and its head
+    meta.update({key: os.path.basename(path_for(out)) for key, path_for, _ in sides}, **head_meta)
     set_metadata(main, meta)
     set_metadata(head, {**meta, "role": "head"})
     main_bytes, head_bytes = main.SerializeToString(), head.SerializeToString()

@@ -16,7 +16,7 @@ import numpy as np
 from explicam import camkernels
 from explicam.runtime.images import heatmap_on_photo
 from explicam.runtime import placement as _placement
-from explicam.runtime.methods import HEAD_GRAD_METHODS, METHODS, CamInputs, MethodError
+from explicam.runtime.methods import CONSTANT_WEIGHT_METHODS, HEAD_GRAD_METHODS, METHODS, CamInputs, MethodError
 from explicam.runtime.methods_input import FEATURE_FREE, INPUT_GRAD_METHODS, input_gradients
 from explicam.runtime.model import OnnxModel
 
@@ -162,8 +162,10 @@ class Explainer:
         parts = {m: [] for m in methods}
         feature_free = self.model.has_input_grads and all(m in FEATURE_FREE for m in methods)
         # Finer-CAM alone at the primary layer: features and logits from model.forward.onnx, the
-        # gradients from model.headgrad.onnx; the main graph's own gradient pass would be wasted
-        head_grad = all(m in HEAD_GRAD_METHODS for m in methods) and self.layer is self.model.feature_layers[0] \
+        # gradients from model.headgrad.onnx; the main graph's own gradient pass would be wasted.
+        # Grad-CAM and CAM too where the head's channel means are constant (methods.gradcam)
+        head_only = HEAD_GRAD_METHODS | (CONSTANT_WEIGHT_METHODS if self.model.constant_channel_grads else set())
+        head_grad = all(m in head_only for m in methods) and self.layer is self.model.feature_layers[0] \
             and self.model.has_head_grads
         for start in range(0, len(x), self.batch_size):
             xb, tb = x[start:start + self.batch_size], targets[start:start + self.batch_size]

@@ -61,12 +61,16 @@ def cam(a: CamInputs):
         raise MethodError("method 'cam' needs a global-average-pooling head (Zhou 2016); this model has the "
                           f"'{a.model.head_kind}' head: train with --head gap, or use gradcam")
     h, w = a.features.shape[1:3]
-    return a.k.channel_mean(a.grads) * np.float32(h * w)
+    return gradcam(a) * np.float32(h * w)
 
 
 @register("gradcam")
 def gradcam(a: CamInputs):
-    """Grad-CAM (Selvaraju et al., ICCV 2017): w_k^c = mean_ij d y^c / d A_ij^k."""
+    """Grad-CAM (Selvaraju et al., ICCV 2017): w_k^c = mean_ij d y^c / d A_ij^k.
+    `a.grads` is None when the explainer skipped the gradient pass because the head's channel
+    means are constant (pooling and linear layers): w^c is then row c of that one matrix."""
+    if a.grads is None:
+        return a.model.channel_grad_rows(a.targets, a.features)
     return a.k.channel_mean(a.grads)
 
 
@@ -112,8 +116,10 @@ def finercam_references(logits: np.ndarray, targets: np.ndarray, k: int) -> np.n
 
 
 # methods that need the features and logits alone, their gradients from model.headgrad.onnx: alone
-# (at the primary layer), they skip the main graph for model.forward.onnx (runtime/explainer.py)
+# (at the primary layer), they skip the main graph for model.forward.onnx (runtime/explainer.py);
+# the second set does too where the head's channel-mean gradients are constant (channel_grad_rows)
 HEAD_GRAD_METHODS = {"finercam"}
+CONSTANT_WEIGHT_METHODS = {"cam", "gradcam"}
 
 
 @register("finercam")
@@ -132,13 +138,18 @@ def finercam(a: CamInputs):
     p / (p + 1e-9) is constant to within 1e-9 / p).
     Gradients are linear in the seed: one pass of the head's gradient graph seeded with S
     (model.headgrad.onnx) gives d S / d A; an export without that file runs the main graph
-    once more per reference class (all images and references in one batch).
+    once more per reference class (all images and references in one batch). Where the head's
+    channel-mean gradients are constant (pooling and linear layers, export: head_channel_grads),
+    w is that combination of their rows (OnnxModel.channel_grad_rows): no gradient pass at all.
     `a.grads` may be None (the explainer ran model.forward.onnx alone): the target's gradient
     then comes from the head's graph too, or from the main graph where it is missing."""
     n = len(a.targets)
     refs = finercam_references(a.logits, a.targets, a.options.get("finercam_k", 3))
     alpha = float(a.options.get("finercam_alpha", 1.0))
+    constant = a.primary and a.model.constant_channel_grads
     if refs.shape[1] == 0:  # a one-class model has nothing to compare with
+        if constant:
+            return a.model.channel_grad_rows(a.targets, a.features)
         grads = None if a.grads is not None or not a.primary else \
             a.model.head_grads(a.features, (a.targets[:, None], np.ones((n, 1))))
         return a.k.channel_mean(grads if grads is not None else _target_grads(a))
@@ -151,6 +162,9 @@ def finercam(a: CamInputs):
     if a.primary:   # one pass of model.headgrad.onnx, seeded with S itself: k + 1 classes per image
         classes = np.concatenate([a.targets[:, None], refs], axis=1)
         weights = np.concatenate([w.sum(axis=1, keepdims=True), -alpha * w], axis=1)
+        if constant:   # w_k is the same combination of the classes' constant channel means
+            rows = a.model.channel_grad_rows(classes, a.features).reshape(n, k + 1, -1).astype(np.float64)
+            return np.einsum("nk,nkc->nc", weights, rows).astype(np.float32)
         grads = a.model.head_grads(a.features, (classes, weights))
         if grads is not None:
             return a.k.channel_mean(grads)

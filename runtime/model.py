@@ -86,6 +86,7 @@ class OnnxModel:
         self.input_name = meta.get("input_name", "image")
         self._head = None
         self._headgrad = {}  # {threads: model.headgrad.onnx's session or None}, each opened on first use
+        self._channel_rows = {}  # {class: mean_ij d logits[class] / d features} where that is constant
         self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
         self._input_grads = None  # model.inputgrads.onnx's session (export --input-grads), opened on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
@@ -278,6 +279,29 @@ class OnnxModel:
     def has_head_grads(self) -> bool:
         """True when model.headgrad.onnx is there and of this export (head_grads answers)."""
         return self._headgrad_session(1) is not None
+
+    @property
+    def constant_channel_grads(self) -> bool:
+        """True when the export measured the head's channel-mean gradients constant (pooling,
+        flatten, linear layers: export/headgrad.channel_grads_constant) and its headgrad file is
+        here: Grad-CAM's and Finer-CAM's weights are then channel_grad_rows, no gradient pass."""
+        return self.meta.get("head_channel_grads") == "constant" and self.has_head_grads
+
+    def channel_grad_rows(self, classes, features: np.ndarray) -> np.ndarray:
+        """(len(classes), C) float32: mean_ij d logits[c] / d features[i, j] for each class c, on a
+        head whose such means do not depend on the features (constant_channel_grads). A class's
+        row comes from one model.headgrad.onnx pass on `features[:1]` the first time it is asked
+        for, then from memory: at most one row per class, C floats each."""
+        classes = np.asarray(classes, np.int64).reshape(-1)
+        missing = np.array(sorted(set(classes.tolist()) - self._channel_rows.keys()), np.int64)
+        for s in range(0, len(missing), 32):
+            chunk = missing[s:s + 32]
+            feats = np.broadcast_to(features[:1], (len(chunk), *features.shape[1:]))
+            grads = self.head_grads(feats, (chunk[:, None], np.ones((len(chunk), 1), np.float32)))
+            for c, row in zip(chunk.tolist(), grads.astype(np.float64).mean(axis=(1, 2))):
+                self._channel_rows[c] = row.astype(np.float32)
+        return np.stack([self._channel_rows[c] for c in classes.tolist()]) if len(classes) else \
+            np.zeros((0, features.shape[-1]), np.float32)
 
     def _headgrad_session(self, threads: int | None):
         """model.headgrad.onnx's session with `threads` intra-op threads (None: the model's

@@ -49,6 +49,7 @@ def test_finercam_through_the_head_equals_k_plus_one_passes(onnx_model, val_imag
     fast = Explainer(onnx_model)
     slow = Explainer(onnx_model)
     slow.model.head_grads = lambda features, seed: None   # as an export without the side file
+    slow.model.meta["head_channel_grads"] = "varying"   # (whose rows would come from that file)
     for k, alpha in ((1, 1.0), (3, 0.6)):
         a = fast.explain(images, "finercam", target=[0, 1, None, 3], finercam_k=k, finercam_alpha=alpha).cams
         b = slow.explain(images, "finercam", target=[0, 1, None, 3], finercam_k=k, finercam_alpha=alpha).cams
@@ -80,14 +81,15 @@ def _counting_main_graph(explainer) -> list:
 @pytest.mark.parametrize("n", [1, 4])
 def test_finercam_alone_skips_the_main_graph_and_agrees_with_it(onnx_model, val_images, n):
     """Finer-CAM alone: model.forward.onnx's features and logits, model.headgrad.onnx's
-    gradients (one thread at batch 1); beside Grad-CAM it takes the main graph: the same maps."""
+    gradients (one thread at batch 1); beside Grad-CAM++ (which needs the gradient map) it takes
+    the main graph: the same maps."""
     ex = Explainer(onnx_model)
     images, target = _inputs(val_images)[:n], [None, 1, 0, 3][:n]
     calls = _counting_main_graph(ex)
     for opts in ({}, {"finercam_k": 1, "finercam_alpha": 0.6}):
         alone = ex.explain(images, "finercam", target=target, **opts)
         assert not calls
-        both = ex.explain_methods(images, ["finercam", "gradcam"], target=target, **opts)["finercam"]
+        both = ex.explain_methods(images, ["finercam", "gradcam++"], target=target, **opts)["finercam"]
         assert len(calls) == 1
         calls.clear()
         np.testing.assert_array_equal(alone.targets, both.targets)
