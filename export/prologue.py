@@ -50,13 +50,18 @@ def add_prologue(proto, original_input: str, pre: Preprocess, hw) -> None:
         op("Gather", [x, const("bgr", np.array([2, 1, 0], np.int64))], "bgr", axis=3)
     elif pre.channels == "gray":
         op("MatMul", [x, const("grey", np.asarray(GREY, np.float32)[:, None])], "grey")
-    if np.any(a != 1):
-        op("Mul", [x, const("scale", a)], "scale")
-    if np.any(b != 0):
-        op("Add", [x, const("shift", b)], "shift")
-    if pre.layout == "nchw":
+    nchw = pre.layout == "nchw"
+    if nchw:   # the transpose first: onnxruntime broadcasts a per-channel (1, 3, 1, 1) constant over
+        # whole planes, and a (3,) one over the last axis pixel by pixel: on a 224x224 image the
+        # Mul and the Add took 0.45 ms that way, 0.04 ms this way (ResNet-50's forward: 1.03x the
+        # original file's, 1.01x now)
         op("Transpose", [x], "nchw", perm=[0, 3, 1, 2])
-    else:
+    shape = (1, -1, 1, 1) if nchw else (-1,)
+    if np.any(a != 1):
+        op("Mul", [x, const("scale", np.reshape(a, shape))], "scale")
+    if np.any(b != 0):
+        op("Add", [x, const("shift", np.reshape(b, shape))], "shift")
+    if not nchw and x == IMAGE:
         op("Identity", [x], "nhwc")
     for node in g.node:  # the original graph now reads the prologue's output
         node.input[:] = [x if name == original_input else name for name in node.input]
