@@ -214,6 +214,8 @@ class Explainer:
     def heatmaps(self, cams: np.ndarray, placement=None) -> np.ndarray:
         """(N, h, w) maps -> (N, H, W) in [0, 1] at the input size, under `placement`
         (default: the explainer's own)."""
+        if tuple(np.shape(cams)[1:3]) == tuple(self.input_hw):   # RISE, input gradients: placed as they are
+            return self.k.normalize_minmax(cams)
         place = self.placement if placement is None else _placement.resolve(placement, self.geometry)
         p = _placement.params(place, self.geometry, self.input_hw, np.shape(cams)[1:3])
         return self.k.normalize_minmax(self.k.upsample_placed(cams, *self.input_hw, *p))
