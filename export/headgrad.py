@@ -69,45 +69,40 @@ def headgrad_model(head: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def headgrad_error(main: onnx.ModelProto, headgrad: onnx.ModelProto, images) -> float:
-    """Largest |grads - model.onnx's grads| / max |grads| over `images` (N, H, W, 3) with one-hot
-    seeds of model.onnx's own target_used: the side file must give the exported gradient."""
+def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    run = lambda m, names, feeds: ort.InferenceSession(  # noqa: E731
-        m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(names, feeds)
-    x = np.ascontiguousarray(images, np.float32)
-    feats, grads, used, logits = run(main, ["features", "grads", "target_used", "logits"], {"image": x})
-    (mine,) = run(headgrad, [OUTPUT], {"features": feats, CLASSES: used.reshape(-1, 1).astype(np.int64),
-                                       WEIGHTS: np.ones((len(x), 1), np.float32)})
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def headgrad_error(headgrad, features, grads, used) -> float:
+    """Largest |grads - model.onnx's grads| / max |grads| with one-hot seeds of model.onnx's own
+    target_used, on model.onnx's features: the side file must give the exported gradient.
+    `headgrad`: the side file's ModelProto or an onnxruntime session of it."""
+    session = _session(headgrad) if isinstance(headgrad, onnx.ModelProto) else headgrad
+    (mine,) = session.run([OUTPUT], {"features": features, CLASSES: used.reshape(-1, 1).astype(np.int64),
+                                     WEIGHTS: np.ones((len(features), 1), np.float32)})
     return float(np.abs(mine - grads).max() / max(float(np.abs(grads).max()), 1e-30))
 
 
-def channel_grads_constant(main: onnx.ModelProto, headgrad: onnx.ModelProto, images, classes: int = 8) -> bool:
+def channel_grads_constant(headgrad, features, n_classes: int, classes: int = 8) -> bool:
     """True when mean_ij d logits[c] / d features[n, i, j, k] is the same for every input: the
     head is pooling (max or average, global or windowed), flatten and linear layers. A
     max-pool's gradient moves each window's gradient to one of its elements, so the per-channel
     sum does not depend on which; a linear layer's does not depend on its input at all. Then
     Grad-CAM's and Finer-CAM's channel weights are rows of one (classes, C) matrix, which the
     runtime reads once per class from model.headgrad.onnx and reuses (OnnxModel.channel_grad_rows).
-    Measured, not inferred from op types: the channel means on the images' own features and on
-    signed and non-negative random ones (which flip any ReLU or max inside the head) must agree
-    to 1e-5 for several classes."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    x = np.ascontiguousarray(images[:4], np.float32)
-    feats, logits = ort.InferenceSession(main.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        ["features", "logits"], {"image": x})
+    Measured, not inferred from op types: the channel means on `features` (the images' own) and
+    on signed and non-negative random ones (which flip any ReLU or max inside the head) must
+    agree to 1e-5 for several classes. `headgrad`: ModelProto or onnxruntime session."""
+    session = _session(headgrad) if isinstance(headgrad, onnx.ModelProto) else headgrad
     rng = np.random.default_rng(11)
-    scale = max(float(np.abs(feats).max()), 1e-3)
-    noise = rng.normal(0, scale, size=(len(x), *feats.shape[1:]))
+    feats = np.asarray(features, np.float32)
+    noise = rng.normal(0, max(float(np.abs(feats).max()), 1e-3), size=feats.shape)
     feats = np.concatenate([feats, noise, np.abs(noise)]).astype(np.float32)
-    session = ort.InferenceSession(headgrad.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    for c in rng.permutation(logits.shape[1])[:classes]:
+    for c in rng.permutation(n_classes)[:classes]:
         (g,) = session.run([OUTPUT], {"features": feats, CLASSES: np.full((len(feats), 1), c, np.int64),
                                       WEIGHTS: np.ones((len(feats), 1), np.float32)})
         means = g.astype(np.float64).mean(axis=(1, 2))
@@ -120,20 +115,19 @@ def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tup
     """The files made from the head, each checked: ([(metadata key, path_for, ModelProto)],
     {check name: error}, {metadata key: value}). model.headgrad.onnx always; model.recipro.onnx
     for heads that begin with a pooling or Flatten + dense layer (export/recipro.py). The
-    metadata says whether the head's channel-mean gradients are constant (head_channel_grads)."""
-    import onnxruntime as ort
-
+    metadata says whether the head's channel-mean gradients are constant (head_channel_grads).
+    model.onnx runs once on `images`; every check reads that."""
     from .recipro import recipro_error, recipro_model, recipro_path_for
 
+    feats, grads, used, logits = _session(main).run(["features", "grads", "target_used", "logits"],
+                                                    {"image": np.ascontiguousarray(images, np.float32)})
     grad = headgrad_model(head)
-    files, checks = [("headgrad_file", headgrad_path_for, grad)], {"headgrad": headgrad_error(main, grad, images)}
-    meta = {"head_channel_grads": "constant" if channel_grads_constant(main, grad, images) else "varying"}
+    session = _session(grad)
+    files, checks = [("headgrad_file", headgrad_path_for, grad)], {"headgrad": headgrad_error(session, feats, grads, used)}
+    constant = channel_grads_constant(session, feats[:4], logits.shape[1])
+    meta = {"head_channel_grads": "constant" if constant else "varying"}
     recipro = recipro_model(head)
     if recipro is not None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(main.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        (feats,) = session.run(["features"], {"image": np.ascontiguousarray(images[:2], np.float32)})
         files.append(("recipro_file", recipro_path_for, recipro))
-        checks["recipro"] = recipro_error(head, recipro, feats)
+        checks["recipro"] = recipro_error(head, recipro, feats[:2])
     return files, checks, meta

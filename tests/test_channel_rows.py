@@ -33,20 +33,14 @@ def test_rows_equal_the_channel_means_of_every_images_gradient(which, request, v
 
 
 def _head(nodes, inits, hw=(4, 4), channels=3, classes=5):
-    """(main, head) ModelProtos around the same head nodes: main takes `image` (N, h, w, C) as
-    its features (an Identity), the head takes `features`."""
+    """A head ModelProto around the nodes: `features` (N, h, w, C) in, logits and probabilities out."""
     from onnx import TensorProto, helper
 
-    def model(inputs, extra):
-        g = helper.make_graph(extra + nodes + [helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-                              "head", [helper.make_tensor_value_info(inputs, TensorProto.FLOAT, ["N", *hw, channels])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-                               helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])]
-                              + ([helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", *hw, channels])]
-                                 if inputs == "image" else []), inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-    return model("image", [helper.make_node("Identity", ["image"], ["features"])]), model("features", [])
+    g = helper.make_graph(nodes + [helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "head",
+                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", *hw, channels])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", classes])
+                           for o in ("logits", "probabilities")], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _heads():
@@ -84,9 +78,9 @@ def test_the_export_measures_which_heads_have_constant_channel_means(name):
     from explicam.export.headgrad import channel_grads_constant, headgrad_model
 
     want, nodes, inits = _heads()[name]
-    main, head = _head(nodes, inits)
-    images = np.maximum(np.random.default_rng(1).normal(size=(4, 4, 4, 3)), 0)
-    assert channel_grads_constant(main, headgrad_model(head), images) is want
+    head = _head(nodes, inits)
+    features = np.maximum(np.random.default_rng(1).normal(size=(4, 4, 4, 3)), 0).astype(np.float32)
+    assert channel_grads_constant(headgrad_model(head), features, 5) is want
 
 
 def _counting(model, name) -> list:
