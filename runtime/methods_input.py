@@ -82,7 +82,7 @@ def smoothgrad_noise(a: CamInputs, n: int, samples: int):
         given = np.asarray(given, np.float32)
         if given.shape[-4:] != (samples, *hw) or given.ndim not in (4, 5) or (given.ndim == 5 and len(given) != n):
             raise ValueError(f"smoothgrad_noise_set must be (S, H, W, 3) or (N, S, H, W, 3) with S = "
-                             f"smoothgrad_samples = {samples}; got {given.shape}")
+                             f"smoothgrad_samples = {samples} and N = {n} images per call; got {given.shape}")
         return (lambda i: given) if given.ndim == 4 else (lambda i: given[i])
     seed = int(_option(a, "smoothgrad_seed", SMOOTHGRAD_DEFAULTS))
     key = ("smoothgrad", samples, hw, seed)
