@@ -6,6 +6,8 @@
     cam = ck.relu(ck.weighted_sum(acts, w))       # (N, h, w)
     cam = ck.normalize_minmax(ck.upsample_bilinear(cam, 224, 224))
     cam = ck.upsample_placed(cam, 224, 224, 16, 23, 16, 23)   # each cell at its receptive field's centre
+    heat = ck.heatmap_placed(cam, 224, 224, 16, 23, 16, 23)   # normalize_minmax(upsample_placed(...)), one call
+    sal = ck.channel_max_abs(input_grads)         # gradient saliency: max over colours of |g|
 
 `BACKEND` is what the module-level functions use: "numba", or "numpy" when numba cannot be
 imported (a one-line notice goes to stderr once). `get("numba" | "numpy" | "auto")` returns
@@ -32,7 +34,8 @@ from explicam.camkernels import placement as _placement
 __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
     "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
-    "upsample_bilinear", "upsample_placed", "masked_inputs", "shrink_area", "mask_weighted_sum",
+    "upsample_bilinear", "upsample_placed", "heatmap_placed", "channel_max_abs", "masked_inputs", "shrink_area",
+    "mask_weighted_sum",
 ]
 
 BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
@@ -63,11 +66,22 @@ def _size(v, name):
     return v
 
 
+def _placed(maps, out_h, out_w, stride_y, offset_y, stride_x, offset_x) -> tuple:
+    """The placed kernels' arguments, checked: (maps, out_h, out_w, scale_y, shift_y, scale_x, shift_x)."""
+    x = _f32(maps, "maps", 3)
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"maps must not be empty, got shape {x.shape}")
+    sy, hy = _placement.scale_shift(stride_y, offset_y)
+    sx, hx = _placement.scale_shift(stride_x, offset_x)
+    return x, _size(out_h, "out_h"), _size(out_w, "out_w"), sy, hy, sx, hx
+
+
 def _build(backend):
     nb = backend == "numba"
     impl = {name: getattr(_k, f"{name}_{'nb' if nb else 'np'}") for name in (
         "channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
-        "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs")}
+        "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs", "heatmap_placed",
+        "channel_max_abs")}
     impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
     impl["upsample_placed"] = getattr(_placement, f"upsample_placed_{'nb' if nb else 'np'}")
     impl["mask_weighted_sum"] = getattr(_masks, f"mask_weighted_sum_{'nb' if nb else 'np'}")
@@ -76,13 +90,14 @@ def _build(backend):
         """(N, h, w, C) -> (N, C): mean over pixels (Grad-CAM weights)."""
         return impl["channel_mean"](_f32(grads, "grads", 4))
 
-    def weighted_sum(acts, weights):
-        """sum_k weights[n, k] * acts[n, :, :, k] -> (N, h, w), no ReLU."""
+    def weighted_sum(acts, weights, relu=False):
+        """sum_k weights[n, k] * acts[n, :, :, k] -> (N, h, w); with relu, max(that, 0) in the
+        same pass (what relu(weighted_sum(...)) gives, one call)."""
         a = _f32(acts, "acts", 4)
         w = _f32(weights, "weights", 2)
         if w.shape != (a.shape[0], a.shape[3]):
             raise ValueError(f"weights must be (N, C) = {(a.shape[0], a.shape[3])}, got {w.shape}")
-        return impl["weighted_sum"](a, w)
+        return impl["weighted_sum"](a, w, bool(relu))
 
     def gradcampp_weights(acts, grads, eps=0.0):
         """Grad-CAM++ channel weights (N, C), eq. 19 of Chattopadhay 2018.
@@ -131,12 +146,15 @@ def _build(backend):
         stride * j + offset (pixel p centred at p; export/geometry.py's convention),
         bilinear in between, edge cells held beyond the outermost centres.
         stride = out/in, offset = (stride - 1) / 2 is upsample_bilinear exactly."""
-        x = _f32(maps, "maps", 3)
-        if x.shape[1] < 1 or x.shape[2] < 1:
-            raise ValueError(f"maps must not be empty, got shape {x.shape}")
-        sy, hy = _placement.scale_shift(stride_y, offset_y)
-        sx, hx = _placement.scale_shift(stride_x, offset_x)
-        return impl["upsample_placed"](x, _size(out_h, "out_h"), _size(out_w, "out_w"), sy, hy, sx, hx)
+        return impl["upsample_placed"](*_placed(maps, out_h, out_w, stride_y, offset_y, stride_x, offset_x))
+
+    def heatmap_placed(maps, out_h, out_w, stride_y, offset_y, stride_x, offset_x):
+        """normalize_minmax(upsample_placed(maps, ...)) in one call: the heatmaps in [0, 1]."""
+        return impl["heatmap_placed"](*_placed(maps, out_h, out_w, stride_y, offset_y, stride_x, offset_x))
+
+    def channel_max_abs(grads):
+        """(N, H, W, C) -> (N, H, W): max over the last axis of |g| (gradient saliency)."""
+        return impl["channel_max_abs"](_f32(grads, "grads", 4))
 
     def masked_inputs(image, masks, out=None):
         """Score-CAM batch (K, H, W, ch): image (H, W, ch) times each mask (K, H, W).
@@ -183,7 +201,8 @@ def _build(backend):
         backend=backend, channel_mean=channel_mean, weighted_sum=weighted_sum,
         gradcampp_weights=gradcampp_weights, xgradcam_weights=xgradcam_weights,
         grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
-        upsample_bilinear=upsample_bilinear, upsample_placed=upsample_placed, masked_inputs=masked_inputs,
+        upsample_bilinear=upsample_bilinear, upsample_placed=upsample_placed, heatmap_placed=heatmap_placed,
+        channel_max_abs=channel_max_abs, masked_inputs=masked_inputs,
         shrink_area=shrink_area, mask_weighted_sum=mask_weighted_sum)
 
 
@@ -213,11 +232,14 @@ def warmup(ns=None) -> None:
     g = rng.standard_normal((1, 3, 2, 4), dtype=np.float32)
     w = ns.channel_mean(g)
     ns.weighted_sum(a, w)
+    ns.weighted_sum(a, w, True)
     ns.gradcampp_weights(a, g)
     ns.xgradcam_weights(a, g)
     ns.grad_product_sum(a, g, True)
     m = ns.relu(ns.normalize_minmax(ns.upsample_bilinear(a[..., 0], 5, 4)))
     ns.upsample_placed(a[..., 0], 5, 4, 2.0, 1.5, 2.0, 0.5)
+    ns.heatmap_placed(a[..., 0], 5, 4, 2.0, 1.5, 2.0, 0.5)
+    ns.channel_max_abs(g)
     ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
     ns.shrink_area(np.zeros((7, 9, 3), np.uint8), 3, 4, True)
     ns.mask_weighted_sum(m, np.ones(len(m), np.float32))
@@ -233,6 +255,8 @@ relu = _auto.relu
 normalize_minmax = _auto.normalize_minmax
 upsample_bilinear = _auto.upsample_bilinear
 upsample_placed = _auto.upsample_placed
+heatmap_placed = _auto.heatmap_placed
+channel_max_abs = _auto.channel_max_abs
 masked_inputs = _auto.masked_inputs
 shrink_area = _auto.shrink_area
 mask_weighted_sum = _auto.mask_weighted_sum

@@ -207,8 +207,8 @@ class Explainer:
         """The method's map at feature resolution, after ReLU: (N, h, w) float32 (a method
         that draws on the input itself, RISE, returns (N, H, W): heatmaps() keeps it as it is)."""
         out = np.asarray(METHODS[method](inputs), np.float32)
-        if out.ndim == 2:  # channel weights
-            out = self.k.weighted_sum(inputs.features, out)
+        if out.ndim == 2:  # channel weights: the sum and its ReLU in one kernel call
+            return self.k.weighted_sum(inputs.features, out, relu=True)
         return self.k.relu(out)
 
     def heatmaps(self, cams: np.ndarray, placement=None) -> np.ndarray:
@@ -218,12 +218,12 @@ class Explainer:
             return self.k.normalize_minmax(cams)
         place = self.placement if placement is None else _placement.resolve(placement, self.geometry)
         p = _placement.params(place, self.geometry, self.input_hw, np.shape(cams)[1:3])
-        return self.k.normalize_minmax(self.k.upsample_placed(cams, *self.input_hw, *p))
+        return self.k.heatmap_placed(cams, *self.input_hw, *p)
 
     def _finish(self, method: str, parts: list) -> Explanation:
-        cams = np.concatenate([p[0] for p in parts])
-        heatmaps = self.heatmaps(cams)
+        # one batch (a frame, a few images): its arrays as they are, no copies
+        join = (lambda i: parts[0][i]) if len(parts) == 1 else (lambda i: np.concatenate([p[i] for p in parts]))
+        cams = join(0)
         notes = {k: np.concatenate([p[4][k] for p in parts]) for k in (parts[0][4] if len(parts[0]) > 4 else ())}
-        return Explanation(method, cams, heatmaps, np.concatenate([p[1] for p in parts]),
-                           np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int64),
+        return Explanation(method, cams, self.heatmaps(cams), join(1), join(2), np.asarray(join(3), np.int64),
                            self.class_names, self.model.resize_shorter, notes)

@@ -51,12 +51,12 @@ def _gradients(a: CamInputs, method: str, x: np.ndarray, targets, guided: bool =
     return out["input_grads"], out["logits"]
 
 
-def channel_max_abs(g: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) -> (N, H, W): max over colour channels of |g| (Simonyan et al. 2014).
-    Channel by channel: numpy's max over a last axis of 3 runs 30x slower (1.5 ms against
-    0.05 ms at 224 px, a sixth of saliency's whole time)."""
-    h = np.abs(g)
-    return np.maximum.reduce([h[..., c] for c in range(h.shape[-1])]).astype(np.float32, copy=False)
+def channel_max_abs(g: np.ndarray, k=None) -> np.ndarray:
+    """(N, H, W, 3) -> (N, H, W): max over colour channels of |g| (Simonyan et al. 2014), with
+    the camkernels namespace `k` (default the module's own backend)."""
+    from explicam import camkernels
+
+    return (k or camkernels).channel_max_abs(g)
 
 
 @register("saliency")
@@ -66,7 +66,7 @@ def saliency(a: CamInputs):
     M_ij = max_c |d S_c / d I_ijc|, the class score's gradient with respect to the image
     (pre-softmax score), one forward and one backward pass."""
     g = a.input_grads if a.input_grads is not None else _gradients(a, "saliency", a.inputs, a.targets)[0]
-    return channel_max_abs(g)
+    return channel_max_abs(g, a.k)
 
 
 def smoothgrad_noise(a: CamInputs, n: int, samples: int):
@@ -111,7 +111,7 @@ def smoothgrad(a: CamInputs):
     out = np.empty(a.inputs.shape[:3], np.float32)
     for i in range(n):   # one image's copies at a time: 32 images x 50 copies at 224 px would be 1 GB
         g, _ = _gradients(a, "smoothgrad", a.inputs[i][None] + noise(i), np.full(samples, a.targets[i]))
-        out[i] = channel_max_abs(g.mean(axis=0, dtype=np.float64)[None])[0]
+        out[i] = channel_max_abs(g.mean(axis=0, dtype=np.float64)[None], a.k)[0]
     return out
 
 
@@ -208,7 +208,7 @@ def guided_gradcam(a: CamInputs):
     point; max_c |.| over the colour channels."""
     gb, _ = _gradients(a, "guided-gradcam", a.inputs, a.targets, guided=True)
     cam = a.k.relu(a.k.weighted_sum(a.features, a.k.channel_mean(a.grads)))
-    return channel_max_abs(gb) * a.upsample(cam, None)
+    return channel_max_abs(gb, a.k) * a.upsample(cam, None)
 
 
 # --- multi-layer Layer-CAM -------------------------------------------------------------------

@@ -292,16 +292,21 @@ class OnnxModel:
         head whose such means do not depend on the features (constant_channel_grads). A class's
         row comes from one model.headgrad.onnx pass on `features[:1]` the first time it is asked
         for, then from memory: at most one row per class, C floats each."""
-        classes = np.asarray(classes, np.int64).reshape(-1)
-        missing = np.array(sorted(set(classes.tolist()) - self._channel_rows.keys()), np.int64)
+        classes = np.asarray(classes, np.int64).reshape(-1).tolist()
+        if not classes:
+            return np.zeros((0, features.shape[-1]), np.float32)
+        try:   # every row already read: the usual case, kept to a few lookups (it runs per frame)
+            return np.stack([self._channel_rows[c] for c in classes])
+        except KeyError:
+            pass
+        missing = np.array(sorted(set(classes) - self._channel_rows.keys()), np.int64)
         for s in range(0, len(missing), 32):
             chunk = missing[s:s + 32]
             feats = np.broadcast_to(features[:1], (len(chunk), *features.shape[1:]))
             grads = self.head_grads(feats, (chunk[:, None], np.ones((len(chunk), 1), np.float32)))
             for c, row in zip(chunk.tolist(), grads.astype(np.float64).mean(axis=(1, 2))):
                 self._channel_rows[c] = row.astype(np.float32)
-        return np.stack([self._channel_rows[c] for c in classes.tolist()]) if len(classes) else \
-            np.zeros((0, features.shape[-1]), np.float32)
+        return np.stack([self._channel_rows[c] for c in classes])
 
     def _headgrad_session(self, threads: int | None):
         """model.headgrad.onnx's session with `threads` intra-op threads (None: the model's

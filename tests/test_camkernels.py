@@ -336,8 +336,48 @@ def test_module_level_api():
     assert ck.channel_mean is ck.get().channel_mean
     for name in ("channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
                  "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs",
-                 "shrink_area"):
+                 "shrink_area", "heatmap_placed", "channel_max_abs"):
         assert callable(getattr(ck, name))
     for b in BACKENDS:
         ck.warmup(ck.get(b))
     ck.warmup()
+
+
+# --- the fused kernels: what they replace, bit for bit, and the paper's formulas -------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_heatmap_and_relu_sum_equal_their_parts(backend):
+    ns = ck.get(backend)
+    rng = np.random.default_rng(8)
+    maps = np.concatenate([rng.standard_normal((3, 7, 7)), np.full((1, 7, 7), 2.5),   # a constant map: zeros
+                           rng.standard_normal((1, 7, 7)) * 1e-20]).astype(np.float32)
+    for geo in [(32.0, 15.5, 32.0, 15.5), (16.0, 23.0, 16.0, 23.0), (32.0, 31.0, 32.0, 31.0)]:
+        want = ns.normalize_minmax(ns.upsample_placed(maps, 224, 224, *geo))
+        got = ns.heatmap_placed(maps, 224, 224, *geo)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+        assert (got[3:] == 0).all() and all(g.min() == 0 and g.max() == 1 for g in got[:3])
+    assert np.array_equal(ns.heatmap_placed(maps[:, :5, :3], 40, 30, 8.0, 3.5, 10.0, 4.5),
+                          NPY.heatmap_placed(maps[:, :5, :3], 40, 30, 8.0, 3.5, 10.0, 4.5))
+    a, g = small_case(3, (3, 5, 4, 37))
+    w = ns.channel_mean(g)
+    fused = ns.weighted_sum(a - 0.5, w, relu=True)
+    assert np.array_equal(fused, ns.relu(ns.weighted_sum(a - 0.5, w)))
+    assert (fused == 0).any() and (fused > 0).any()   # both sides of the ReLU were exercised
+    close(fused, np.maximum(np.einsum("nhwc,nc->nhw", (a - 0.5).astype(np.float64), w.astype(np.float64)), 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_max_abs_against_loop(backend):
+    ns = ck.get(backend)
+    rng = np.random.default_rng(9)
+    g = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    g[0, 0, 0] = [-7.0, 2.0, 3.0]                     # the largest magnitude is a negative value
+    g[1, 2, 3] = [0.0, -0.0, 0.0]
+    got = ns.channel_max_abs(g)
+    want = [[[max(abs(v) for v in px) for px in row] for row in img] for img in g.tolist()]
+    assert got.dtype == np.float32 and np.array_equal(got, np.array(want, np.float32))
+    assert got[0, 0, 0] == 7.0
+    g[1, 0, 0, 1] = np.nan                              # NaN propagates, as np.maximum
+    assert np.isnan(ns.channel_max_abs(g)[1, 0, 0]) and np.isnan(NPY.channel_max_abs(g)[1, 0, 0])
+    assert np.array_equal(ns.channel_max_abs(g[..., :1]), np.abs(g[..., 0]))   # one channel (grayscale)
+    with pytest.raises(ValueError):
+        ns.channel_max_abs(g[0])

@@ -131,12 +131,16 @@ def test_bench_times_the_original_file_and_pytorch_grad_cam_beside_the_methods(l
     assert res.returncode == 0, res.stderr[-2000:]
     assert "original ONNX file: " + str(path.parent.parent / "efficientnet_lite0.onnx") in res.stdout
     text = out.read_text()
-    assert "| what | kernels | batch | ms / image | x forward | x original |" in text
-    rows = {(r[0].strip(), int(r[2])): [float(v) for v in r[3:6]]
+    assert "| what | kernels | batch | ms / image | x forward | x original | x original from the photos |" in text
+    rows = {(r[0].strip(), int(r[2])): [float(v) for v in r[3:7]]
             for r in (line.split("|")[1:-1] for line in text.splitlines()[2:] if line.startswith("| "))}
     for batch in (1, 2):
         assert rows[("forward, original file", batch)][2] == 1.0
-        assert rows[("forward, original file, from the photos", batch)][0] > 0
-        assert rows[("gradcam", batch)][2] > 0
+        ms, _, to_orig, to_photos = rows[("forward, original file, from the photos", batch)]
+        assert ms > 0 and to_photos == 1.0
+        gradcam = rows[("gradcam", batch)]
+        # each ratio is the row's time over its baseline's, both measured in the same rounds
+        assert gradcam[2] == pytest.approx(gradcam[0] / rows[("forward, original file", batch)][0], rel=0.02, abs=0.01)
+        assert gradcam[3] == pytest.approx(gradcam[0] / ms, rel=0.02, abs=0.01)
         if HAVE_GRADCAM:
             assert rows[("pytorch-grad-cam GradCAM (torch)", batch)][0] > 0
