@@ -39,6 +39,8 @@ def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=N
     """OnnxModel.input_gradients over many images, a few per call (INPUT_GRAD_PIXELS, or `batch`)."""
     batch = max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(x.shape[1:3]))))
     parts = [model.input_gradients(x[s:s + batch], targets[s:s + batch], guided) for s in range(0, len(x), batch)]
+    if len(parts) == 1:   # one call (a frame, a few images): its arrays as they came, no copy
+        return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
