@@ -35,7 +35,7 @@ __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
     "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
     "upsample_bilinear", "upsample_placed", "heatmap_placed", "channel_max_abs", "masked_inputs", "shrink_area",
-    "mask_weighted_sum",
+    "mask_weighted_sum", "finer_seed",
 ]
 
 BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
@@ -81,7 +81,7 @@ def _build(backend):
     impl = {name: getattr(_k, f"{name}_{'nb' if nb else 'np'}") for name in (
         "channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
         "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs", "heatmap_placed",
-        "channel_max_abs")}
+        "channel_max_abs", "finer_seed")}
     impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
     impl["upsample_placed"] = getattr(_placement, f"upsample_placed_{'nb' if nb else 'np'}")
     impl["mask_weighted_sum"] = getattr(_masks, f"mask_weighted_sum_{'nb' if nb else 'np'}")
@@ -156,6 +156,20 @@ def _build(backend):
         """(N, H, W, C) -> (N, H, W): max over the last axis of |g| (gradient saliency)."""
         return impl["channel_max_abs"](_f32(grads, "grads", 4))
 
+    def finer_seed(logits, targets, k, alpha=1.0):
+        """Finer-CAM's comparison score for each image (Zhang et al. 2025): (classes (N, k + 1)
+        int64: the target, then the k classes whose logits lie nearest it, ties to the lower
+        index; w (N, k) float64: their softmax probabilities over (their sum + 1e-9); weights
+        (N, k + 1) float64: the seed [sum w, -alpha w] of S = sum_d w_d (y_c - alpha y_d))."""
+        lg = _f32(logits, "logits", 2)
+        t = np.ascontiguousarray(targets, np.int64).reshape(-1)
+        if len(t) != len(lg) or (len(t) and not (0 <= t.min() and t.max() < lg.shape[1])):
+            raise ValueError(f"targets must be {len(lg)} class indices below {lg.shape[1]}, got {t.tolist()}")
+        k = operator.index(k)
+        if not 0 <= k < lg.shape[1]:
+            raise ValueError(f"k must be in [0, {lg.shape[1] - 1}] for {lg.shape[1]} classes, got {k}")
+        return impl["finer_seed"](lg, t, k, float(alpha))
+
     def masked_inputs(image, masks, out=None):
         """Score-CAM batch (K, H, W, ch): image (H, W, ch) times each mask (K, H, W).
 
@@ -202,7 +216,7 @@ def _build(backend):
         gradcampp_weights=gradcampp_weights, xgradcam_weights=xgradcam_weights,
         grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
         upsample_bilinear=upsample_bilinear, upsample_placed=upsample_placed, heatmap_placed=heatmap_placed,
-        channel_max_abs=channel_max_abs, masked_inputs=masked_inputs,
+        channel_max_abs=channel_max_abs, finer_seed=finer_seed, masked_inputs=masked_inputs,
         shrink_area=shrink_area, mask_weighted_sum=mask_weighted_sum)
 
 
@@ -240,6 +254,7 @@ def warmup(ns=None) -> None:
     ns.upsample_placed(a[..., 0], 5, 4, 2.0, 1.5, 2.0, 0.5)
     ns.heatmap_placed(a[..., 0], 5, 4, 2.0, 1.5, 2.0, 0.5)
     ns.channel_max_abs(g)
+    ns.finer_seed(g[0, 0], np.array([0, 3]), 2, 1.0)
     ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
     ns.shrink_area(np.zeros((7, 9, 3), np.uint8), 3, 4, True)
     ns.mask_weighted_sum(m, np.ones(len(m), np.float32))
@@ -257,6 +272,7 @@ upsample_bilinear = _auto.upsample_bilinear
 upsample_placed = _auto.upsample_placed
 heatmap_placed = _auto.heatmap_placed
 channel_max_abs = _auto.channel_max_abs
+finer_seed = _auto.finer_seed
 masked_inputs = _auto.masked_inputs
 shrink_area = _auto.shrink_area
 mask_weighted_sum = _auto.mask_weighted_sum

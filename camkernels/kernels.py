@@ -354,6 +354,64 @@ def channel_max_abs_np(g):
     return np.maximum.reduce([h[..., c] for c in range(h.shape[-1])]).astype(np.float32, copy=False)
 
 
+# --- Finer-CAM's seed (Zhang 2025): per image the target c, its k classes nearest by logit
+# (|y_j - y_c| in float32, the target left out, ties to the lower index: a stable sort's first k)
+# and the weights of S = sum_d p_d (y_c - alpha y_d) / (sum_d p_d + 1e-9), p = softmax(y) in float64
+@_jit
+def finer_seed_nb(logits, targets, k, alpha):
+    n, m = logits.shape
+    classes = np.empty((n, k + 1), np.int64)
+    w = np.empty((n, k), np.float64)
+    weights = np.empty((n, k + 1), np.float64)
+    taken = np.zeros(m, np.bool_)
+    for i in range(n):
+        c = targets[i]
+        taken[:] = False
+        taken[c] = True
+        classes[i, 0] = c
+        for r in range(k):
+            best, bd = -1, np.inf
+            for j in range(m):
+                if not taken[j]:
+                    d = abs(logits[i, j] - logits[i, c])
+                    if best < 0 or d < bd:
+                        best, bd = j, d
+            taken[best] = True
+            classes[i, r + 1] = best
+        mx = np.float64(logits[i, 0])
+        for j in range(1, m):
+            mx = max(mx, np.float64(logits[i, j]))
+        total = 0.0
+        for j in range(m):
+            total += math.exp(np.float64(logits[i, j]) - mx)
+        ws = 0.0
+        for r in range(k):
+            w[i, r] = math.exp(np.float64(logits[i, classes[i, r + 1]]) - mx) / total
+            ws += w[i, r]
+        ws += 1e-9
+        s = 0.0
+        for r in range(k):
+            w[i, r] /= ws
+            s += w[i, r]
+            weights[i, r + 1] = -alpha * w[i, r]
+        weights[i, 0] = s
+    return classes, w, weights
+
+
+def finer_seed_np(logits, targets, k, alpha):
+    n = len(logits)
+    dist = np.abs(logits - logits[np.arange(n), targets][:, None]).astype(np.float64)
+    dist[np.arange(n), targets] = np.inf
+    refs = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    w = np.take_along_axis(p, refs, axis=1)
+    w /= w.sum(axis=1, keepdims=True) + 1e-9
+    return (np.concatenate([targets[:, None], refs], axis=1), w,
+            np.concatenate([w.sum(axis=1, keepdims=True), -alpha * w], axis=1))
+
+
 @_jit
 def upsample_bilinear_nb(x, out_h, out_w):
     return upsample_placed_nb(x, out_h, out_w, 1.0 / (out_h / x.shape[1]), 0.5, 1.0 / (out_w / x.shape[2]), 0.5)

@@ -105,16 +105,6 @@ def layercam(a: CamInputs):
     return a.k.grad_product_sum(a.features, a.grads, True)
 
 
-def finercam_references(logits: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
-    """(N, k') the k classes whose logits lie nearest each image's target logit (|y_j - y_c|,
-    the target itself left out, ties to the lower index); k' = min(k, classes - 1)."""
-    n, classes = logits.shape
-    k = max(0, min(int(k), classes - 1))
-    dist = np.abs(logits - logits[np.arange(n), targets][:, None]).astype(np.float64)
-    dist[np.arange(n), targets] = np.inf
-    return np.argsort(dist, axis=1, kind="stable")[:, :k]
-
-
 # methods that need the features and logits alone, their gradients from model.headgrad.onnx: alone
 # (at the primary layer), they skip the main graph for model.forward.onnx (runtime/explainer.py);
 # the second set does too where the head's channel-mean gradients are constant (channel_grad_rows)
@@ -144,26 +134,21 @@ def finercam(a: CamInputs):
     `a.grads` may be None (the explainer ran model.forward.onnx alone): the target's gradient
     then comes from the head's graph too, or from the main graph where it is missing."""
     n = len(a.targets)
-    refs = finercam_references(a.logits, a.targets, a.options.get("finercam_k", 3))
+    k = max(0, min(int(a.options.get("finercam_k", 3)), a.logits.shape[1] - 1))
     alpha = float(a.options.get("finercam_alpha", 1.0))
     constant = a.primary and a.model.constant_channel_grads
-    if refs.shape[1] == 0:  # a one-class model has nothing to compare with
+    if k == 0:  # a one-class model has nothing to compare with
         if constant:
             return a.model.channel_grad_rows(a.targets, a.features)
         grads = None if a.grads is not None or not a.primary else \
             a.model.head_grads(a.features, (a.targets[:, None], np.ones((n, 1))))
         return a.k.channel_mean(grads if grads is not None else _target_grads(a))
-    z = a.logits.astype(np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    w = np.take_along_axis(p, refs, axis=1)
-    w /= w.sum(axis=1, keepdims=True) + 1e-9
-    k = refs.shape[1]
+    # the target and its k references, their weights w and the seed [sum w, -alpha w] (one kernel call)
+    classes, w, weights = a.k.finer_seed(a.logits, a.targets, k, alpha)
+    refs = classes[:, 1:]
     if a.primary:   # one pass of model.headgrad.onnx, seeded with S itself: k + 1 classes per image
-        classes = np.concatenate([a.targets[:, None], refs], axis=1)
-        weights = np.concatenate([w.sum(axis=1, keepdims=True), -alpha * w], axis=1)
         if constant:   # w_k is the same combination of the classes' constant channel means
-            rows = a.model.channel_grad_rows(classes, a.features).reshape(n, k + 1, -1).astype(np.float64)
+            rows = a.model.channel_grad_rows(classes, a.features).reshape(n, k + 1, -1)
             return np.einsum("nk,nkc->nc", weights, rows).astype(np.float32)
         grads = a.model.head_grads(a.features, (classes, weights))
         if grads is not None:

@@ -86,7 +86,8 @@ class OnnxModel:
         self.input_name = meta.get("input_name", "image")
         self._head = None
         self._headgrad = {}  # {threads: model.headgrad.onnx's session or None}, each opened on first use
-        self._channel_rows = {}  # {class: mean_ij d logits[class] / d features} where that is constant
+        # mean_ij d logits[class] / d features where that is constant: (classes, C) rows, each read once
+        self._rows, self._have_rows = None, None
         self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
         self._input_grads = None  # model.inputgrads.onnx's session (export --input-grads), opened on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
@@ -292,21 +293,20 @@ class OnnxModel:
         head whose such means do not depend on the features (constant_channel_grads). A class's
         row comes from one model.headgrad.onnx pass on `features[:1]` the first time it is asked
         for, then from memory: at most one row per class, C floats each."""
-        classes = np.asarray(classes, np.int64).reshape(-1).tolist()
-        if not classes:
-            return np.zeros((0, features.shape[-1]), np.float32)
-        try:   # every row already read: the usual case, kept to a few lookups (it runs per frame)
-            return np.stack([self._channel_rows[c] for c in classes])
-        except KeyError:
-            pass
-        missing = np.array(sorted(set(classes) - self._channel_rows.keys()), np.int64)
-        for s in range(0, len(missing), 32):
-            chunk = missing[s:s + 32]
-            feats = np.broadcast_to(features[:1], (len(chunk), *features.shape[1:]))
-            grads = self.head_grads(feats, (chunk[:, None], np.ones((len(chunk), 1), np.float32)))
-            for c, row in zip(chunk.tolist(), grads.astype(np.float64).mean(axis=(1, 2))):
-                self._channel_rows[c] = row.astype(np.float32)
-        return np.stack([self._channel_rows[c] for c in classes])
+        classes = np.asarray(classes, np.int64).reshape(-1)
+        if self._rows is None:
+            self._rows = np.zeros((self.num_classes, features.shape[-1]), np.float32)
+            self._have_rows = np.zeros(self.num_classes, bool)
+        have = self._have_rows[classes]
+        if not have.all():   # the first time a class is asked for: its row from the head's gradient
+            missing = np.unique(classes[~have])
+            for s in range(0, len(missing), 32):
+                chunk = missing[s:s + 32]
+                feats = np.broadcast_to(features[:1], (len(chunk), *features.shape[1:]))
+                grads = self.head_grads(feats, (chunk[:, None], np.ones((len(chunk), 1), np.float32)))
+                self._rows[chunk] = grads.astype(np.float64).mean(axis=(1, 2)).astype(np.float32)
+                self._have_rows[chunk] = True
+        return self._rows[classes]   # a copy: one indexing, the per-frame cost
 
     def _headgrad_session(self, threads: int | None):
         """model.headgrad.onnx's session with `threads` intra-op threads (None: the model's

@@ -381,3 +381,35 @@ def test_channel_max_abs_against_loop(backend):
     assert np.array_equal(ns.channel_max_abs(g[..., :1]), np.abs(g[..., 0]))   # one channel (grayscale)
     with pytest.raises(ValueError):
         ns.channel_max_abs(g[0])
+
+
+def finer_seed_loop(logits, target, k, alpha):
+    """Finer-CAM's comparison (Zhang et al. 2025), one image, from the definition."""
+    order = sorted((abs(float(np.float32(logits[j] - logits[target]))), j) for j in range(len(logits)) if j != target)
+    refs = [j for _, j in order[:k]]
+    p = np.exp(np.float64(logits) - np.float64(logits).max())
+    p /= p.sum()
+    w = p[refs] / (p[refs].sum() + 1e-9)
+    return [target] + refs, w, [w.sum()] + list(-alpha * w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finer_seed_against_loop(backend):
+    ns = ck.get(backend)
+    rng = np.random.default_rng(10)
+    logits = rng.standard_normal((4, 12)).astype(np.float32)
+    logits[3] = [0, 1, 1, 2, 3, 5, 5, 5, 0, -1, 1, 2]   # ties: the lower index first, as a stable sort
+    targets = np.array([0, 11, 5, 2])
+    for k, alpha in ((1, 1.0), (3, 0.6), (11, 1.0)):
+        classes, w, weights = ns.finer_seed(logits, targets, k, alpha)
+        assert classes.dtype == np.int64 and classes.shape == (4, k + 1) and weights.shape == (4, k + 1)
+        for i in range(4):
+            want_c, want_w, want_weights = finer_seed_loop(logits[i], targets[i], k, alpha)
+            assert classes[i].tolist() == want_c
+            np.testing.assert_allclose(w[i], want_w, rtol=1e-12)
+            np.testing.assert_allclose(weights[i], want_weights, rtol=1e-12)
+    assert ns.finer_seed(logits, targets, 3)[0][3].tolist() == [2, 1, 10, 0]   # |1 - 1| twice, then |0 - 1|
+    with pytest.raises(ValueError):
+        ns.finer_seed(logits, targets, 12)
+    with pytest.raises(ValueError):
+        ns.finer_seed(logits, np.array([0, 1, 2, 12]), 2)
