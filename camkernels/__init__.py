@@ -80,10 +80,10 @@ def _build(backend):
     nb = backend == "numba"
     impl = {name: getattr(_k, f"{name}_{'nb' if nb else 'np'}") for name in (
         "channel_mean", "weighted_sum", "gradcampp_weights", "xgradcam_weights",
-        "grad_product_sum", "relu", "normalize_minmax", "upsample_bilinear", "masked_inputs", "heatmap_placed",
-        "channel_max_abs", "finer_seed")}
+        "grad_product_sum", "relu", "normalize_minmax", "masked_inputs", "channel_max_abs", "finer_seed")}
+    impl.update({name: getattr(_placement, f"{name}_{'nb' if nb else 'np'}")
+                 for name in ("upsample_bilinear", "upsample_placed", "heatmap_placed")})
     impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
-    impl["upsample_placed"] = getattr(_placement, f"upsample_placed_{'nb' if nb else 'np'}")
     impl["mask_weighted_sum"] = getattr(_masks, f"mask_weighted_sum_{'nb' if nb else 'np'}")
 
     def channel_mean(grads):
