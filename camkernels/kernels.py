@@ -288,7 +288,7 @@ def finer_seed_nb(logits, targets, k, alpha):
             for j in range(m):
                 if not taken[j]:
                     d = abs(logits[i, j] - logits[i, c])
-                    if best < 0 or d < bd:
+                    if best < 0 or d < bd or (bd != bd and d == d):   # a NaN distance sorts last
                         best, bd = j, d
             taken[best] = True
             classes[i, r + 1] = best
@@ -315,8 +315,9 @@ def finer_seed_nb(logits, targets, k, alpha):
 def finer_seed_np(logits, targets, k, alpha):
     n = len(logits)
     dist = np.abs(logits - logits[np.arange(n), targets][:, None]).astype(np.float64)
-    dist[np.arange(n), targets] = np.inf
-    refs = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    is_target = np.zeros(dist.shape, np.int8)
+    is_target[np.arange(n), targets] = 1
+    refs = np.lexsort((dist, is_target), axis=1)[:, :k]   # the target last, NaN before it, ties by index
     z = logits.astype(np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)

@@ -409,6 +409,9 @@ def test_finer_seed_against_loop(backend):
             np.testing.assert_allclose(w[i], want_w, rtol=1e-12)
             np.testing.assert_allclose(weights[i], want_weights, rtol=1e-12)
     assert ns.finer_seed(logits, targets, 3)[0][3].tolist() == [2, 1, 10, 0]   # |1 - 1| twice, then |0 - 1|
+    nan = logits[:1].copy()
+    nan[0, 1] = np.nan                                # a NaN distance sorts last, as numpy's argsort puts it
+    assert ns.finer_seed(nan, targets[:1], 11)[0][0, -1] == 1
     with pytest.raises(ValueError):
         ns.finer_seed(logits, targets, 12)
     with pytest.raises(ValueError):
