@@ -53,14 +53,6 @@ def _gradients(a: CamInputs, method: str, x: np.ndarray, targets, guided: bool =
     return out["input_grads"], out["logits"]
 
 
-def channel_max_abs(g: np.ndarray, k=None) -> np.ndarray:
-    """(N, H, W, 3) -> (N, H, W): max over colour channels of |g| (Simonyan et al. 2014), with
-    the camkernels namespace `k` (default the module's own backend)."""
-    from explicam import camkernels
-
-    return (k or camkernels).channel_max_abs(g)
-
-
 @register("saliency")
 def saliency(a: CamInputs):
     """Gradient saliency (Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks:
@@ -68,7 +60,7 @@ def saliency(a: CamInputs):
     M_ij = max_c |d S_c / d I_ijc|, the class score's gradient with respect to the image
     (pre-softmax score), one forward and one backward pass."""
     g = a.input_grads if a.input_grads is not None else _gradients(a, "saliency", a.inputs, a.targets)[0]
-    return channel_max_abs(g, a.k)
+    return a.k.channel_max_abs(g)
 
 
 def smoothgrad_noise(a: CamInputs, n: int, samples: int):
@@ -113,7 +105,7 @@ def smoothgrad(a: CamInputs):
     out = np.empty(a.inputs.shape[:3], np.float32)
     for i in range(n):   # one image's copies at a time: 32 images x 50 copies at 224 px would be 1 GB
         g, _ = _gradients(a, "smoothgrad", a.inputs[i][None] + noise(i), np.full(samples, a.targets[i]))
-        out[i] = channel_max_abs(g.mean(axis=0, dtype=np.float64)[None], a.k)[0]
+        out[i] = a.k.channel_max_abs(g.mean(axis=0, dtype=np.float64)[None])[0]
     return out
 
 
@@ -209,8 +201,8 @@ def guided_gradcam(a: CamInputs):
     upsampled to the input (bilinear, each cell where the explainer places it), point by
     point; max_c |.| over the colour channels."""
     gb, _ = _gradients(a, "guided-gradcam", a.inputs, a.targets, guided=True)
-    cam = a.k.relu(a.k.weighted_sum(a.features, a.k.channel_mean(a.grads)))
-    return channel_max_abs(gb, a.k) * a.upsample(cam, None)
+    cam = a.k.weighted_sum(a.features, a.k.channel_mean(a.grads), relu=True)
+    return a.k.channel_max_abs(gb) * a.upsample(cam, None)
 
 
 # --- multi-layer Layer-CAM -------------------------------------------------------------------
