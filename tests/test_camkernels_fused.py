@@ -1,0 +1,82 @@
+"""The kernels that fuse steps of the explainer (one call after onnxruntime instead of several):
+each against what it replaces, bit for bit, and against a loop from the method's definition."""
+import numpy as np
+import pytest
+from test_camkernels import BACKENDS, NPY, close, small_case
+
+from explicam import camkernels as ck
+
+
+# --- the fused kernels: what they replace, bit for bit, and the paper's formulas -------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_heatmap_and_relu_sum_equal_their_parts(backend):
+    ns = ck.get(backend)
+    rng = np.random.default_rng(8)
+    maps = np.concatenate([rng.standard_normal((3, 7, 7)), np.full((1, 7, 7), 2.5),   # a constant map: zeros
+                           rng.standard_normal((1, 7, 7)) * 1e-20]).astype(np.float32)
+    for geo in [(32.0, 15.5, 32.0, 15.5), (16.0, 23.0, 16.0, 23.0), (32.0, 31.0, 32.0, 31.0)]:
+        want = ns.normalize_minmax(ns.upsample_placed(maps, 224, 224, *geo))
+        got = ns.heatmap_placed(maps, 224, 224, *geo)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+        assert (got[3:] == 0).all() and all(g.min() == 0 and g.max() == 1 for g in got[:3])
+    assert np.array_equal(ns.heatmap_placed(maps[:, :5, :3], 40, 30, 8.0, 3.5, 10.0, 4.5),
+                          NPY.heatmap_placed(maps[:, :5, :3], 40, 30, 8.0, 3.5, 10.0, 4.5))
+    a, g = small_case(3, (3, 5, 4, 37))
+    w = ns.channel_mean(g)
+    fused = ns.weighted_sum(a - 0.5, w, relu=True)
+    assert np.array_equal(fused, ns.relu(ns.weighted_sum(a - 0.5, w)))
+    assert (fused == 0).any() and (fused > 0).any()   # both sides of the ReLU were exercised
+    close(fused, np.maximum(np.einsum("nhwc,nc->nhw", (a - 0.5).astype(np.float64), w.astype(np.float64)), 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_max_abs_against_loop(backend):
+    ns = ck.get(backend)
+    rng = np.random.default_rng(9)
+    g = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    g[0, 0, 0] = [-7.0, 2.0, 3.0]                     # the largest magnitude is a negative value
+    g[1, 2, 3] = [0.0, -0.0, 0.0]
+    got = ns.channel_max_abs(g)
+    want = [[[max(abs(v) for v in px) for px in row] for row in img] for img in g.tolist()]
+    assert got.dtype == np.float32 and np.array_equal(got, np.array(want, np.float32))
+    assert got[0, 0, 0] == 7.0
+    g[1, 0, 0, 1] = np.nan                              # NaN propagates, as np.maximum
+    assert np.isnan(ns.channel_max_abs(g)[1, 0, 0]) and np.isnan(NPY.channel_max_abs(g)[1, 0, 0])
+    assert np.array_equal(ns.channel_max_abs(g[..., :1]), np.abs(g[..., 0]))   # one channel (grayscale)
+    with pytest.raises(ValueError):
+        ns.channel_max_abs(g[0])
+
+
+def finer_seed_loop(logits, target, k, alpha):
+    """Finer-CAM's comparison (Zhang et al. 2025), one image, from the definition."""
+    order = sorted((abs(float(np.float32(logits[j] - logits[target]))), j) for j in range(len(logits)) if j != target)
+    refs = [j for _, j in order[:k]]
+    p = np.exp(np.float64(logits) - np.float64(logits).max())
+    p /= p.sum()
+    w = p[refs] / (p[refs].sum() + 1e-9)
+    return [target] + refs, w, [w.sum()] + list(-alpha * w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finer_seed_against_loop(backend):
+    ns = ck.get(backend)
+    rng = np.random.default_rng(10)
+    logits = rng.standard_normal((4, 12)).astype(np.float32)
+    logits[3] = [0, 1, 1, 2, 3, 5, 5, 5, 0, -1, 1, 2]   # ties: the lower index first, as a stable sort
+    targets = np.array([0, 11, 5, 2])
+    for k, alpha in ((1, 1.0), (3, 0.6), (11, 1.0)):
+        classes, w, weights = ns.finer_seed(logits, targets, k, alpha)
+        assert classes.dtype == np.int64 and classes.shape == (4, k + 1) and weights.shape == (4, k + 1)
+        for i in range(4):
+            want_c, want_w, want_weights = finer_seed_loop(logits[i], targets[i], k, alpha)
+            assert classes[i].tolist() == want_c
+            np.testing.assert_allclose(w[i], want_w, rtol=1e-12)
+            np.testing.assert_allclose(weights[i], want_weights, rtol=1e-12)
+    assert ns.finer_seed(logits, targets, 3)[0][3].tolist() == [2, 1, 10, 0]   # |1 - 1| twice, then |0 - 1|
+    nan = logits[:1].copy()
+    nan[0, 1] = np.nan                                # a NaN distance sorts last, as numpy's argsort puts it
+    assert ns.finer_seed(nan, targets[:1], 11)[0][0, -1] == 1
+    with pytest.raises(ValueError):
+        ns.finer_seed(logits, targets, 12)
+    with pytest.raises(ValueError):
+        ns.finer_seed(logits, np.array([0, 1, 2, 12]), 2)
