@@ -147,9 +147,9 @@ def torch_gradcam(model_path: str, threads: int | None = None, log=print) -> dic
     stem = os.path.splitext(str(model.meta.get("source_file") or ""))[0]
     if stem not in zoo.NETWORKS:
         return {}
-    # torch's OpenMP threads busy-wait between calls unless told not to; onnxruntime's pool
-    # here does not ("spinning off"): the same policy for both, and no spinning thread of one
-    # slowing the other's rows (on a loaded 2-core box spinning made torch 20x slower)
+    # torch's OpenMP threads busy-wait after a call unless told not to; onnxruntime's pool
+    # here stops spinning when a call returns (force_spinning_stop): no spinning thread of one
+    # slowing the other's rows between calls (on a loaded 2-core box that made torch 20x slower)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch first loads OpenMP
     try:
         import torch

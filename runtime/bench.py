@@ -190,7 +190,7 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
             add(name, "-", batch, ms["baseline"], ms["forward"])
     settings = {"model": model_path, "input_size": f"{in_h}x{in_w}", "kernel": model.kernel, "plain_forward": how,
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
-                               f"{threads or os.cpu_count()}, inter_op 1, spinning off",
+                               f"{threads or os.cpu_count()}, inter_op 1, spinning inside a call only (force_spinning_stop)",
                 "machine": machine()}
     if original is not None:
         settings["original"] = original[0]

@@ -200,7 +200,9 @@ def jet(heat: np.ndarray) -> np.ndarray:
 def explain(model_path: str, image: np.ndarray, target=None):
     """-> (top-3 [(name, p)], heatmap (S, S) in [0, 1], class names)."""
     opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # threads spin between the ops of a call, never between calls (runtime/model.py's policy)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     if "class_names" not in meta:
