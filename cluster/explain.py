@@ -25,7 +25,7 @@ import numpy as np
 from explicam.cluster import connect, require_ray
 from explicam.cluster.results import RESULTS_DIR, ResultSink, done_keys, rows_table, write_predictions_csv
 from explicam.cluster.sources import collect_sources, read_any, reader_env
-from explicam.runtime.files import DECODE_MIN_SIDE, FilesConfig, Item, Writer, check_writable, parse_methods
+from explicam.runtime.files import DECODE_MIN_SIDE, READ_BATCH, FilesConfig, Item, Writer, check_writable, parse_methods
 from explicam.runtime.images import ImageError
 
 
@@ -178,7 +178,7 @@ def actor_count(ray, rcfg: RayConfig, n_batches: int) -> int:
 def _run(todo: list, cfg: FilesConfig, rcfg: RayConfig, spec: ActorSpec, done: set, res: RayResult, log) -> None:
     t0 = time.perf_counter()
     ray = connect(rcfg.address, rcfg.num_cpus)
-    batch = max(1, int(cfg.batch_size))
+    batch = max(1, int(cfg.batch_size or READ_BATCH))
     n_batches = math.ceil(len(todo) / batch)
     res.actors = actors = actor_count(ray, rcfg, n_batches)
     log(f"explaining {len(todo)} image(s) on Ray with {actors} actor(s) of {rcfg.cpus_per_actor:g} CPU, "

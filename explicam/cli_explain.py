@@ -103,7 +103,8 @@ def plain_preprocess(kw: dict) -> dict | None:
 @click.option("--heatmap", type=click.Choice(["png", "npy"]), default=None,
               help="Also save the raw heatmap: 16-bit PNG or float32 .npy.")
 @click.option("--labels/--no-labels", default=True, show_default=True, help="Write predictions on the overlays.")
-@click.option("--batch-size", default=16, show_default=True, help="Images per onnxruntime call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per onnxruntime call [default: 4 at 224 px, as many as make 4 x 224 x 224 pixels].")
 @click.option("--webcam", type=int, is_flag=False, flag_value=0, default=None,
               help="Explain a camera live: --webcam (camera 0) or --webcam N.")
 @click.option("--video", default=None, help="Explain a video file (or an rtsp:// / http:// stream) frame by frame.")

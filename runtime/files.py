@@ -26,6 +26,7 @@ from explicam.runtime.images import IMAGE_EXTENSIONS, ImageError, list_images, r
 
 DECODE_MIN_SIDE = 512       # huge JPEGs decode at reduced scale but keep >= 1024 px for a sharp overlay
 DISPLAY_MIN_SIDE = 128      # smaller photos are enlarged (integer factor, nearest) so labels fit on them
+READ_BATCH = 16             # photos decoded and explained together when no batch size is given
 BATCH_PIXELS = 48_000_000   # photo pixels held at once, whatever the batch size (~150 MB)
 GRID_HEIGHT = 384           # tiles of a several-method grid are at most this tall
 IG = "integrated-gradients"  # its rows in predictions.csv carry its completeness error (ig_completeness)
@@ -139,7 +140,7 @@ class FilesConfig:
     side_by_side: bool = False      # the photo and its overlay next to each other
     heatmap: str | None = None      # also save the raw heatmap: "png" (16-bit) or "npy"
     labels: bool = True             # predictions written on the overlays
-    batch_size: int = 16            # images per onnxruntime call
+    batch_size: int | None = None   # images per onnxruntime call [default: Explainer's, 4 at 224 px]
     kernels: str = "auto"           # camkernels backend: auto, numba or numpy
     threads: int | None = None      # onnxruntime intra-op threads [default: all cores]
     placement: str | None = None    # geometric / naive [default: the model's, runtime/placement.py]
@@ -300,7 +301,7 @@ def usable_methods(explainer, methods: list, notes: list) -> list:
 
 
 def _run(explainer, writer, items, methods, target, batch_size, partial, result, progress) -> None:
-    queue, size = iter(items), max(1, int(batch_size))
+    queue, size = iter(items), max(1, int(batch_size or READ_BATCH))
     min_side = max(*explainer.input_hw, DECODE_MIN_SIDE)
     with open(partial, "w", newline="") as f, ThreadPoolExecutor(1) as pool:
         rows = csv.writer(f)

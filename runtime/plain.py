@@ -162,7 +162,7 @@ class PlainModel:
 class PlainExplainer(Explainer):
     """An Explainer over a PlainModel: only RISE; any other method says to export first."""
 
-    def __init__(self, model_path, kernels: str = "auto", threads: int | None = None, batch_size: int = 16,
+    def __init__(self, model_path, kernels: str = "auto", threads: int | None = None, batch_size: int | None = None,
                  scorecam_topk: int | None = None, warmup: bool = True, placement=None, options=None,
                  preprocess: Preprocess | None = None, input_hw=None, layout: str = "auto",
                  resize_shorter: int | None = None):
@@ -171,7 +171,7 @@ class PlainExplainer(Explainer):
         self.placement = "naive"  # RISE draws on the input itself: no placement moves its map
         self.k = camkernels.get(kernels)
         self.kernels = kernels if kernels != "auto" else camkernels.BACKEND
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size or 16)
         self.scorecam_topk = scorecam_topk
         self.options = dict(options or {})
         self.cache: dict = {}

@@ -176,6 +176,17 @@ def test_batch_equals_one_by_one(method, explainer, val_images):
         assert together.targets[i] == alone.targets[0]
 
 
+def test_default_call_size_is_a_pixel_budget(explainer, onnx_model, val_images):
+    from explicam.runtime.explainer import CALL_PIXELS
+
+    h, w = explainer.input_hw
+    assert explainer.batch_size == max(1, CALL_PIXELS // (h * w)) and Explainer(onnx_model, batch_size=5).batch_size == 5
+    images = val_images[0][:7]
+    one_call, three = explainer.explain(images, "gradcam"), Explainer(onnx_model, batch_size=3).explain(images, "gradcam")
+    np.testing.assert_allclose(three.cams, one_call.cams, rtol=1e-4, atol=1e-5 * max(1, one_call.cams.max()))
+    np.testing.assert_array_equal(three.targets, one_call.targets)
+
+
 def test_numba_and_numpy_kernels_agree(onnx_model, val_images):
     a, b = Explainer(onnx_model, kernels="numba"), Explainer(onnx_model, kernels="numpy")
     for method in GRADIENT_METHODS + ["eigencam"]:
