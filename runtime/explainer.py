@@ -25,7 +25,7 @@ from explicam.runtime.model import OnnxModel
 # (runtime/model.py), a few images per call run fastest per image. EfficientNet-Lite0 at
 # 224 px, 2 cores, 32 images timed in calls of 1, 2, 4, ... 32 images, three rounds: 3.0 ms per
 # image in calls of 1 to 4, 3.5 in calls of 16, 3.8 in one of 32; its main graph 3.8 ms at 4
-# against 4.3-4.6 at 16-32; the seed and ResNet-50 within 5% of their best from 4 to 32.
+# against 4.3-4.6 at 16-32; the seed and ResNet-50 within 6% of their best from 4 to 32.
 CALL_PIXELS = 4 * 224 * 224
 
 
@@ -61,6 +61,7 @@ class Explainer:
 
     kernels: "auto" (numba when importable), "numba" or "numpy".
     batch_size: images per onnxruntime call; None: as many as make CALL_PIXELS (4 at 224 px).
+    Score-CAM and Ablation-CAM run their masked copies at least 32 per call.
     scorecam_topk: None = every channel; k = the k channels of largest variance.
     placement: where heatmap cells are drawn: "geometric" (each at its receptive field's
     centre, the default when the file has geometry), "naive" (plain stretch, the default

@@ -36,7 +36,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     (force_spinning_stop: a webcam loop idles a lot, and the numba kernels after a call need
     the cores; tests/test_session_idle.py). Against no spinning at all, on 2 cores, in
     alternating runs of `bench`: the seed's forward 0-11% faster, its saliency 8-30% at batch
-    32, EfficientNet-Lite0's forward 6-28%."""
+    32, EfficientNet-Lite0's forward at batch 1 6-28%."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
