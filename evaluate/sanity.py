@@ -86,9 +86,12 @@ def randomised_models(onnx_path: str, meta: dict, seed: int = 0):
                 from explicam.export.input_grads import input_grads_model, metadata
                 from explicam.export.onnx import classifier_only
 
-                side = input_grads_model(classifier_only(main, features=False))
-                set_metadata(side, metadata(meta.get("export_id", "")))
-                write_atomic(side.SerializeToString(), os.path.join(tmp, meta["input_grads_file"]))
+                classifier = classifier_only(main, features=False)
+                for key, guided in (("input_grads_file", False), ("guided_grads_file", True)):
+                    if meta.get(key):
+                        side = input_grads_model(classifier, guided=guided)
+                        set_metadata(side, metadata(meta.get("export_id", ""), guided=guided))
+                        write_atomic(side.SerializeToString(), os.path.join(tmp, meta[key]))
             write_atomic(main.SerializeToString(), path)
             yield stage, path
 

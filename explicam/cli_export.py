@@ -85,8 +85,9 @@ def is_explicam_run(model_path: str) -> bool:
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ quantization) and compare.")
 @click.option("--samples", default=8, show_default=True, help="Images for the parity check.")
 @click.option("--input-grads", is_flag=True,
-              help="Also write model.inputgrads.onnx: d score / d image through the whole network (and guided "
-                   "backpropagation) for saliency, smoothgrad, integrated-gradients, guided-gradcam, and the "
+              help="Also write model.inputgrads.onnx: d score / d image through the whole network (and "
+                   "model.guidedgrads.onnx: guided backpropagation) for saliency, smoothgrad, "
+                   "integrated-gradients, guided-gradcam, and the "
                    "measured effective centres of the feature cells (--placement effective).")
 @friendly
 def export(kernel, run_dir, model_path, layer, output, scale, mean, std, channels, layout, input_size,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from explicam.export.headgrad import head_side_files
-from explicam.export.more import input_grads_path_for, more_metadata, side_file
+from explicam.export.more import more_metadata, side_files
 from explicam.export.onnx import (ExportError, classifier_only, forward_parity, forward_path_for, head_model,
                                   head_path_for, set_metadata, write_atomic)
 from explicam.export.prologue import Preprocess, add_prologue, read_labels
@@ -189,7 +189,7 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
     meta.update(more_metadata(main, [name for name, _ in layers], cfg.input_grads,
                               np.random.default_rng(2).random((4, *hw, 3), dtype=np.float32), "random images", out, log))
     set_metadata(main, meta)
-    side = side_file(main, meta, log) if cfg.input_grads else None
+    grads = side_files(main, meta, out, log) if cfg.input_grads else []
     forward = classifier_only(main)
     checks = _forward_check(main, forward, hw)   # the same nodes as model.onnx: the same numbers expected
     log("model.forward.onnx against model.onnx: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
@@ -211,9 +211,9 @@ def export_any(cfg: ExportConfig, log=print) -> dict:
         written.append(path_for(out))
     write_atomic(forward.SerializeToString(), forward_path_for(out))
     written.append(forward_path_for(out))
-    if side is not None:
-        write_atomic(side.SerializeToString(), input_grads_path_for(out))
-        written.append(input_grads_path_for(out))
+    for path, proto in grads:
+        write_atomic(proto.SerializeToString(), path)
+        written.append(path)
     write_atomic(main.SerializeToString(), out)  # last: a model.onnx never names files that are not there yet
     log(f"wrote {out}, " + ", ".join(written))
     return {"onnx": out, "head": head_path_for(out) if head is not None else None, "forward": forward_path_for(out),

@@ -52,27 +52,35 @@ def _geometry(b, node, kernel):
 
 
 def _flipped_conv(b, node, g):
-    """A stride-1 convolution's input gradient as a Conv of g with the weights flipped in space
-    and transposed within each group: dX[i] = sum_t g[i + pb - t d] W[t]. onnxruntime's Conv
+    """A convolution's input gradient as a Conv of g with the weights flipped in space and
+    transposed within each group: dX[i] = sum_t g[i + pb - t d] W[t]. onnxruntime's Conv
     runs this several times faster than its ConvTranspose (measured on EfficientNet-Lite0's
     depthwise and 1x1 convolutions: 44% of the input-gradient pass went to ConvTranspose).
-    None when it does not apply (strides, non-constant weights, padding beyond the kernel)."""
+    A strided depthwise convolution first spreads g onto the stride grid (zeros between, a
+    1x1 ConvTranspose of ones), then takes the same stride-1 Conv: EfficientNet-Lite0's four
+    stride-2 depthwise gradients took 1.2-4.5x longer as one ConvTranspose each (onnxruntime
+    1.32, batch 1 and 4; the 5x5 kernels gain most). A dense strided Conv keeps ConvTranspose,
+    whose one GEMM beats a Conv over a map that is three quarters zeros (2-3x, ResNet's).
+    None when it does not apply (non-constant weights, padding beyond the kernel)."""
     w = b.value(node.input[1])
     xs, ys = b.shape(node.input[0]), b.shape(node.output[0])
     n = len(xs) - 2
     strides, dil = list(attr(node, "strides", [1] * n)), list(attr(node, "dilations", [1] * n))
     groups = attr(node, "group", 1)
+    strided = any(s != 1 for s in strides)
     # a dense conv from a few channels (the image's 3): its gradient Conv would write 3 channels,
     # which onnxruntime's blocked Conv does slowly; ConvTranspose is 2x faster there (conv0 at 224 px)
-    if w is None or any(s != 1 for s in strides) or (groups == 1 and w.shape[1] < 8):
+    if w is None or (strided and not (groups > 1 and w.shape[1] == 1)) or (groups == 1 and w.shape[1] < 8):
         return None
     kernel = list(w.shape[2:])
     begin = _begin_pads(node, xs[2:], ys[2:], kernel, strides, dil)
-    ends = [o - i - pb + (k - 1) * d for i, o, k, d, pb in zip(xs[2:], ys[2:], kernel, dil, begin)]
-    pads = [(k - 1) * d - p for k, d, p in zip(kernel, dil, begin)] + [(k - 1) * d - p for k, d, p in zip(kernel, dil, ends)]
+    spread = [s * (o - 1) + 1 for o, s in zip(ys[2:], strides)]   # g's length on the stride grid
+    pads = [(k - 1) * d - p for k, d, p in zip(kernel, dil, begin)] + [i + pb - L for i, pb, L in zip(xs[2:], begin, spread)]
     if any(p < 0 for p in pads):
         return None
     m, cg = w.shape[:2]
+    if strided:
+        g = b.op("ConvTranspose", g, b.const(np.ones((m, 1) + (1,) * n, w.dtype)), group=m, strides=strides)
     wt = w.reshape(groups, m // groups, cg, *kernel).swapaxes(1, 2).reshape(groups * cg, m // groups, *kernel)
     wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
     return b.op("Conv", g, b.const(wt), group=groups, dilations=dil, pads=pads)

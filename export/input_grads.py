@@ -1,21 +1,25 @@
-"""Gradients with respect to the image: the whole network differentiated, in a side file.
+"""Gradients with respect to the image: the whole network differentiated, in side files.
 
-`export ... --input-grads` writes model.inputgrads.onnx beside model.onnx (same export_id):
+`export ... --input-grads` writes two files beside model.onnx (same export_id):
 
-  inputs   image (N, H, W, 3) as model.onnx takes it (explicam's RGB [0, 1], the user's
-           preprocessing inside: the gradient runs through the prologue too);
-           target (N,) int64, default [-1] = top-1; guided (1,) bool, default [False]
-  outputs  logits, probabilities, target_used as model.onnx; input_grads (N, H, W, 3) =
-           d logits[n, target_used[n]] / d image[n]; with guided = [True], guided
-           backpropagation's instead (every ReLU, and every Clip with lower bound 0, passes
-           the gradient only where its input and the incoming gradient are both positive)
+  model.inputgrads.onnx   inputs  image (N, H, W, 3) as model.onnx takes it (explicam's RGB
+                                  [0, 1], the user's preprocessing inside: the gradient runs
+                                  through the prologue too); target (N,) int64, default [-1]
+                                  = top-1
+                          outputs logits, probabilities, target_used as model.onnx;
+                                  input_grads (N, H, W, 3) = d logits[n, target_used[n]] / d image[n]
+  model.guidedgrads.onnx  the same, with guided backpropagation's input_grads (every ReLU, and
+                          every Clip with lower bound 0, passes the gradient only where its
+                          input and the incoming gradient are both positive)
 
-Why a side file rather than more outputs of model.onnx: onnxruntime runs every node of a
+Why side files rather than more outputs of model.onnx: onnxruntime runs every node of a
 graph whatever outputs a call asks for (a 6-conv branch nobody fetched still cost its full
 time, measured with onnxruntime 1.32), so every Grad-CAM call would pay for a backward pass
-through the whole body. Why one switch rather than two outputs: the two walks share
-everything but a mask per rectifier, and one file holds one copy of the weights; a call
-computes one of them.
+through the whole body. Why two files rather than a switch in one (as until 2026-12): the
+switch was an op at every rectifier with no blocked-layout kernel in onnxruntime, and it
+cost the ordinary gradient 15-20% (autodiff_more.guided_rules); the price is a second copy
+of the weights on disk. Exports from before keep working (runtime/model.py feeds their
+`guided` input).
 
 The same walk, seeded per feature cell instead of per class (`cell_gradient_model`), gives
 d features[i, j] / d image: where each cell's input influence lies (evaluate/effective.py).
@@ -55,9 +59,10 @@ def _image_hw(model, image: str = "image") -> tuple:
     return int(dims[1].dim_value), int(dims[2].dim_value)
 
 
-def input_grads_model(forward: onnx.ModelProto) -> onnx.ModelProto:
-    """The side file from the export's classifier (model.forward.onnx's graph: image ->
-    logits, probabilities): the module docstring's inputs and outputs, no metadata yet."""
+def input_grads_model(forward: onnx.ModelProto, guided: bool = False) -> onnx.ModelProto:
+    """A side file from the export's classifier (model.forward.onnx's graph: image -> logits,
+    probabilities): the module docstring's inputs and outputs, no metadata yet; guided:
+    guided backpropagation's walk instead of the gradient's."""
     model = copy.deepcopy(forward)
     del model.metadata_props[:]
     hw = _image_hw(model)
@@ -66,19 +71,41 @@ def input_grads_model(forward: onnx.ModelProto) -> onnx.ModelProto:
     classes = int(b.shape("logits")[1])
     b.wrts = {"image"}
     start, seed = target_seed(b, "logits", add_target(b, model, "logits"), classes)
-    model.graph.initializer.append(numpy_helper.from_array(np.array([False]), GUIDED))
-    model.graph.input.append(helper.make_tensor_value_info(GUIDED, onnx.TensorProto.BOOL, [1]))
-    grad = backward(b, nodes, "image", start, seed, rules=guided_rules(GUIDED))
+    grad = backward(b, nodes, "image", start, seed, rules=guided_rules() if guided else None)
     b.node("Identity", [grad], [OUTPUT])
     model.graph.output.extend([helper.make_tensor_value_info("target_used", onnx.TensorProto.INT64, ["N"]),
                                helper.make_tensor_value_info(OUTPUT, F32, ["N", *hw, 3])])
+    name_batch_axis(model, "image", hw)
     return model
 
 
-def metadata(export_id: str) -> dict:
+def name_batch_axis(model, image: str, hw) -> None:
+    """Declare axis 0 of every float tensor that carries the batch as "N" (value_info), found by
+    running the graph on 1 and 2 images. Why: the gradient's Reshapes take the batch as -1, so
+    onnx shape inference gives each its own unknown symbol, and onnxruntime's blocked-layout
+    (NCHWc) optimiser then cannot prove that the gradient and the activation it is multiplied
+    by have one shape: it moves both out of the layout and back at every Mul and Sum
+    (EfficientNet-Lite0's saliency: 99 such moves without the names, 13 with)."""
+    inferred, dtypes = infer_shapes(model)
+    names = [o for n in model.graph.node for o in n.output if o and dtypes.get(o) in FLOAT_TYPES]
+    rng = np.random.default_rng(0)
+    one, two = (measure_shapes(model, names, {image: rng.random((k, *hw, 3), dtype=np.float32)}, dtypes) for k in (1, 2))
+    declared = {v.name for v in model.graph.output} | {v.name for v in model.graph.input}
+    del model.graph.value_info[:]
+    for name in names:
+        a, c = one[name], two[name]
+        if name not in declared and len(a) == len(c) >= 1 and a[0] == 1 and c[0] == 2 and a[1:] == c[1:]:
+            model.graph.value_info.append(helper.make_tensor_value_info(name, dtypes[name], ["N", *a[1:]]))
+
+
+def metadata(export_id: str, guided: bool = False) -> dict:
+    if guided:
+        return {"role": "guided_grads", "export_id": export_id,
+                "input_grads": "guided backpropagation (Springenberg 2015) from logits[target] to the image "
+                               "(N, H, W, 3), written by explicam's differentiation"}
     return {"role": "input_grads", "export_id": export_id,
             "input_grads": "d logits[target] / d image (N, H, W, 3), the whole network and the preprocessing "
-                           "differentiated by explicam; guided=[True]: guided backpropagation (Springenberg 2015)"}
+                           "differentiated by explicam"}
 
 
 def _session(model):
@@ -135,17 +162,37 @@ def check_input_grads(side: onnx.ModelProto, images=None, classes=None, directio
     return report, failures
 
 
-def build_side_file(main: onnx.ModelProto, log=print):
-    """(side-file ModelProto, check report) for an export's main graph; raises ValueError
-    with the check's failures when the input gradients disagree with finite differences."""
+def check_guided(guided: onnx.ModelProto, side: onnx.ModelProto, seed: int = 1) -> dict:
+    """{"guided_logits", "guided_batch"}: the guided file's logits against the gradient
+    file's, and a batch against its images one by one (guided backpropagation is no
+    gradient: finite differences cannot check it; tests check it against Captum)."""
+    hw = _image_hw(side)
+    x = np.random.default_rng(seed).random((2, *hw, 3), dtype=np.float32)
+    g, s = _session(guided), _session(side)
+    logits = float(np.abs(g.run(["logits"], {"image": x})[0] - s.run(["logits"], {"image": x})[0]).max())
+    whole = g.run([OUTPUT], {"image": x})[0]
+    ones = np.concatenate([g.run([OUTPUT], {"image": x[i:i + 1]})[0] for i in range(len(x))])
+    return {"guided_logits": logits, "guided_batch": float(np.abs(ones - whole).max() / max(1.0, float(np.abs(whole).max())))}
+
+
+def build_side_files(main: onnx.ModelProto, log=print):
+    """(gradient ModelProto, guided ModelProto, check report) for an export's main graph;
+    raises ValueError with the checks' failures when the input gradients disagree with
+    finite differences or the guided file with the classifier."""
+    from .autodiff_check import TOLERANCES
     from .onnx import classifier_only
 
-    side = input_grads_model(classifier_only(main, features=False))   # its outputs: logits, probabilities, input_grads
+    classifier = classifier_only(main, features=False)   # its outputs: logits, probabilities
+    side, guided = input_grads_model(classifier), input_grads_model(classifier, guided=True)
     report, bad = check_input_grads(side)
+    more = check_guided(guided, side)
+    tols = {"guided_logits": 1e-4, "guided_batch": TOLERANCES["batch"]}
+    bad += [f"{k} differs by {v:.2e} (tolerance {tols[k]:.0e})" for k, v in more.items() if not v <= tols[k]]
+    report.update(more)
     log("input gradients against finite differences: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
     if bad:
         raise ValueError("the input gradients disagree with the classifier, nothing written: " + "; ".join(bad))
-    return side, report
+    return side, guided, report
 
 
 # ---- d features[cell] / d image: each cell's influence, for the effective placement ------------

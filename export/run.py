@@ -10,7 +10,7 @@ import numpy as np
 from explicam.export.blocks import build_blocks
 from explicam.export.geometry import geometry_for_metadata
 from explicam.export.headgrad import head_side_files
-from explicam.export.more import input_grads_path_for, more_metadata, side_file
+from explicam.export.more import more_metadata, side_files
 from explicam.export.onnx import (ExportError, blocks_path_for, build_onnx, classifier_only, forward_parity,
                                   forward_path_for, head_path_for, load_keras_model, make_metadata, set_metadata,
                                   write_atomic)
@@ -188,7 +188,8 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
     if blocks is not None:
         set_metadata(blocks, {"role": "blocks", "export_id": meta["export_id"], "blocks": geometry})
         blocks_bytes = blocks.SerializeToString()
-    side_bytes = side_file(main, meta, log).SerializeToString() if input_grads else b""
+    grads = [(path, proto.SerializeToString()) for path, proto in side_files(main, meta, out, log)] if input_grads else []
+    side_bytes = grads[0][1] if grads else b""
 
     report = check_parity(model, main_bytes, head_bytes, images, layer, forward_bytes, blocks_bytes, geometry,
                           extra_layers, side_bytes)
@@ -206,9 +207,9 @@ def export_model(kernel: int = 4, run_dir: str | None = None, model_path: str | 
         set_metadata(proto, {"role": key[:-len("_file")], "export_id": meta["export_id"]})
         write_atomic(proto.SerializeToString(), path_for(out))
         written.append(path_for(out))
-    if side_bytes:
-        write_atomic(side_bytes, input_grads_path_for(out))
-        written.append(input_grads_path_for(out))
+    for path, data in grads:
+        write_atomic(data, path)
+        written.append(path)
     if blocks_bytes:
         write_atomic(blocks_bytes, blocks_path_for(out))
         written.append(blocks_path_for(out))

@@ -94,7 +94,7 @@ class OnnxModel:
         # mean_ij d logits[class] / d features where that is constant: (classes, C) rows, each read once
         self._rows, self._have_rows = None, None
         self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
-        self._input_grads = None  # model.inputgrads.onnx's session (export --input-grads), opened on first use
+        self._input_grads = {}  # the sessions of model.inputgrads.onnx and model.guidedgrads.onnx, opened on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
         self._forward_features = False  # that session outputs `features` (older exports' do not)
         self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
@@ -122,21 +122,28 @@ class OnnxModel:
     def input_gradients(self, x: np.ndarray, targets, guided: bool = False) -> dict:
         """{"input_grads": d logits[target] / d image (N, H, W, 3), "logits", "probabilities",
         "target_used"} from model.inputgrads.onnx for preprocessed images (guided: guided
-        backpropagation's)."""
-        if self._input_grads is None:
-            name = self.meta.get("input_grads_file")
+        backpropagation's, from model.guidedgrads.onnx; an export from before 2026-12 has one
+        file with a `guided` switch input)."""
+        key = "guided_grads_file" if guided and self.meta.get("guided_grads_file") else "input_grads_file"
+        if key not in self._input_grads:
+            name = self.meta.get(key)
             if not name:
                 raise ModelError(f"{self.path}: no input gradients in this export; re-export it with --input-grads")
-            self._input_grads = self._side_file(name)
-            if self._input_grads is None:
+            session = self._side_file(name)
+            if session is None:
                 raise ModelError(f"{os.path.join(os.path.dirname(os.path.abspath(self.path)), name)}: missing or from "
                                  f"another export than {os.path.basename(self.path)}; copy the files of one export "
                                  "together, or re-export with --input-grads")
+            self._input_grads[key] = session
+        session = self._input_grads[key]
+        feeds = {self.input_name: np.ascontiguousarray(x, np.float32), "target": np.asarray(targets, np.int64)}
+        inputs = [*session.get_inputs(), *session.get_overridable_initializers()]   # (guided had a default)
+        if any(i.name == "guided" for i in inputs):   # the one-file export of before
+            feeds["guided"] = np.array([bool(guided)])
+        elif guided and key == "input_grads_file":
+            raise ModelError(f"{self.path}: this export has no guided backpropagation file; re-export it with --input-grads")
         names = ["input_grads", "logits", "probabilities", "target_used"]
-        values = self._input_grads.run(names, {self.input_name: np.ascontiguousarray(x, np.float32),
-                                               "target": np.asarray(targets, np.int64),
-                                               "guided": np.array([bool(guided)])})
-        return dict(zip(names, values))
+        return dict(zip(names, session.run(names, feeds)))
 
     def preprocess(self, images) -> np.ndarray:
         """RGB uint8 image(s) of any size -> (N, H, W, 3) float32 in the model's value range.

@@ -8,10 +8,13 @@ without input gradients; guided ReLU6 against torch hooks.
 Random images throughout: these gradients cross max pools, and flat image regions make windows
 of values equal up to rounding, whose gradient two frameworks may send to different elements.
 """
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 H, W = 40, 48
@@ -238,8 +241,7 @@ def test_the_side_file_is_checked_and_guided_relu6_is_rectified():
     import io
 
     from explicam.export.autodiff import export_gradients
-    from explicam.export.input_grads import check_input_grads, input_grads_model
-    from explicam.export.onnx import classifier_only
+    from explicam.export.input_grads import build_side_files
     from explicam.export.prologue import Preprocess, add_prologue
 
     torch.manual_seed(2)
@@ -250,12 +252,11 @@ def test_the_side_file_is_checked_and_guided_relu6_is_rectified():
     torch.onnx.export(net, torch.rand(1, 3, 16, 16), buf, dynamo=False, opset_version=17, input_names=["input"])
     main, _ = export_gradients(buf.getvalue())
     add_prologue(main, "input", Preprocess(layout="nchw"), (16, 16))
-    side = input_grads_model(classifier_only(main))
-    report, bad = check_input_grads(side)
-    assert not bad and report["input_grads_fd"] < 1e-4
+    side, guided_side, report = build_side_files(main, log=lambda *a: None)
+    assert report["input_grads_fd"] < 1e-4 and report["guided_logits"] < 1e-5
     x = _images(2, 10, 16, 16) * 3   # values past 6 after the convolutions are likely: both kinks in play
-    s = ort.InferenceSession(side.SerializeToString(), providers=["CPUExecutionProvider"])
-    plain, guided = (s.run(["input_grads"], {"image": x, "guided": np.array([g])})[0] for g in (False, True))
+    s, sg = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (side, guided_side))
+    plain, guided = (f.run(["input_grads"], {"image": x})[0] for f in (s, sg))
     # the reference: torch with every ReLU6's backward passing only positive gradients
     handles = [m.register_full_backward_hook(lambda m, gi, go: (torch.clamp(gi[0], min=0),))
                for m in net if isinstance(m, torch.nn.ReLU6)]
@@ -263,6 +264,49 @@ def test_the_side_file_is_checked_and_guided_relu6_is_rectified():
     want = _torch_grad(f, x, 0)
     for h in handles:
         h.remove()
-    got = s.run(["input_grads"], {"image": x, "target": np.zeros(2, np.int64), "guided": np.array([True])})[0]
+    got = sg.run(["input_grads"], {"image": x, "target": np.zeros(2, np.int64)})[0]
     assert _rel(got, want) < 1e-5 and not np.allclose(plain, guided)
-    assert onnx.checker.check_model(side) is None
+    assert onnx.checker.check_model(side) is None and onnx.checker.check_model(guided_side) is None
+    assert {i.name for i in side.graph.input} == {"image", "target"}   # no switch left in either walk
+
+
+def test_an_export_from_before_with_the_guided_switch_still_explains(torch_ig, tmp_path):
+    """Exports made before 2026-12 hold one side file whose `guided` input switches the walk:
+    the runtime feeds it when the file asks for it, and takes it from there for guided-gradcam."""
+    import json
+    import shutil
+
+    from explicam.runtime.model import OnnxModel
+
+    src = os.path.dirname(str(torch_ig[1]))
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    main = onnx.load(tmp_path / "model.onnx")
+    keep = [p for p in main.metadata_props if p.key != "guided_grads_file"]   # the old metadata named one file
+    del main.metadata_props[:]
+    main.metadata_props.extend(keep)
+    meta = {p.key: p.value for p in keep}
+    onnx.save(main, tmp_path / "model.onnx")
+    os.remove(tmp_path / "model.guidedgrads.onnx")
+    # the old file's contract, by hand: input_grads = image, doubled when guided = [True]
+    classes = len(json.loads(meta["class_names"]))
+    f32 = onnx.TensorProto.FLOAT
+    nodes = [helper.make_node("Where", ["guided", "two", "one"], ["k"]), helper.make_node("Mul", ["image", "k"], ["input_grads"]),
+             helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+             helper.make_node("ArgMax", ["logits"], ["target_used"], axis=1, keepdims=0)]
+    g = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("image", f32, ["N", H, W, 3]),
+                                         helper.make_tensor_value_info("target", onnx.TensorProto.INT64, ["N"]),
+                                         helper.make_tensor_value_info("guided", onnx.TensorProto.BOOL, [1])],
+                          [helper.make_tensor_value_info(n, f32, None) for n in ("input_grads", "logits", "probabilities")]
+                          + [helper.make_tensor_value_info("target_used", onnx.TensorProto.INT64, None)],
+                          [numpy_helper.from_array(np.array([False]), "guided"), numpy_helper.from_array(np.array([-1]), "target"),
+                           numpy_helper.from_array(np.float32([2.0]), "two"), numpy_helper.from_array(np.float32([1.0]), "one"),
+                           numpy_helper.from_array(np.ones((3, classes), np.float32), "w")])
+    old = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(old, {"export_id": meta["export_id"]})
+    onnx.save(old, tmp_path / "model.inputgrads.onnx")
+    model = OnnxModel(str(tmp_path / "model.onnx"))
+    x = _images(2)
+    assert np.array_equal(model.input_gradients(x, [0, 1])["input_grads"], x)
+    assert np.array_equal(model.input_gradients(x, [0, 1], guided=True)["input_grads"], 2 * x)
