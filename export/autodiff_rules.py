@@ -248,6 +248,8 @@ def _inside(b, y, bound: float, upper: bool):
     bound's scale would overflow."""
     f = np.float32(bound)
     gap = abs(float(np.nextafter(f, np.float32(-np.inf if upper else np.inf))) - float(f))
+    if not 0.0 < gap < np.inf:   # an infinite bound, or none inside it
+        return None
     k = min(2.0 ** float(np.ceil(np.log2(2.0 / gap))), 2.0 ** 127)
     alpha = -k if upper else k
     beta = np.float32(-alpha * float(f))

@@ -32,13 +32,13 @@ import json
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .autodiff import Builder, add_target, backward, measure_shapes, target_seed
 from .autodiff_more import guided_rules
 from .graph import FLOAT_TYPES, float_dependents, infer_shapes, opset_of
 
-OUTPUT, GUIDED, CELL_SEED, CELL_GRADS = "input_grads", "guided", "cell_seed", "cell_grads"
+OUTPUT, CELL_SEED, CELL_GRADS = "input_grads", "cell_seed", "cell_grads"
 F32 = onnx.TensorProto.FLOAT
 
 
@@ -86,7 +86,7 @@ def name_batch_axis(model, image: str, hw) -> None:
     (NCHWc) optimiser then cannot prove that the gradient and the activation it is multiplied
     by have one shape: it moves both out of the layout and back at every Mul and Sum
     (EfficientNet-Lite0's saliency: 99 such moves without the names, 13 with)."""
-    inferred, dtypes = infer_shapes(model)
+    _, dtypes = infer_shapes(model)
     names = [o for n in model.graph.node for o in n.output if o and dtypes.get(o) in FLOAT_TYPES]
     rng = np.random.default_rng(0)
     one, two = (measure_shapes(model, names, {image: rng.random((k, *hw, 3), dtype=np.float32)}, dtypes) for k in (1, 2))

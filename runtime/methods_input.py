@@ -160,12 +160,10 @@ def integrated_gradients_attributions(a: CamInputs) -> tuple[np.ndarray, np.ndar
         path = x0[None] + alphas.astype(np.float32)[:, None, None, None] * (x - x0)[None]
         path[alphas == 1.0] = x   # the end of the path is the image itself, bit for bit
         g, logits = _gradients(a, "integrated-gradients", path, np.full(len(alphas), a.targets[i]))
-        # the weighted sum point by point, not np.tensordot: that is OpenBLAS, whose threads
-        # stay awake after it and slowed the next onnxruntime calls by a quarter (2 cores)
-        total = np.zeros(g.shape[1:], np.float64)
-        for w, gk in zip(weights, g):
-            total += w * gk
-        attr[i] = (x - x0).astype(np.float64) * total
+        # one kernel pass, not np.tensordot: that is OpenBLAS, whose threads stay awake after it
+        # and slowed the next onnxruntime calls by a quarter (2 cores); numpy's point-by-point
+        # sum took 3.5 ms per image of 8 points at 224 px, 5% of IG at batch 32 (0.35 here)
+        attr[i] = a.k.path_attributions(g, weights, x - x0)
         f_base[i] = logits[0, a.targets[i]]
     if alphas[0] != 0.0:   # the baseline is not on the path: its score takes one more pass
         _, base_logits = _gradients(a, "integrated-gradients", base, a.targets)

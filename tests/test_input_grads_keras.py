@@ -65,6 +65,7 @@ def test_a_keras_model_exported_with_input_grads_through_the_cli(tmp_path):
     assert "input gradients against finite differences" in log and "effective centres" in log
     meta = _meta(path)
     assert meta["input_grads_file"] == "model.inputgrads.onnx" and meta["effective_geometry"]["images"] == 4
+    assert meta["guided_grads_file"] == "model.guidedgrads.onnx" and (path.parent / "model.guidedgrads.onnx").exists()
     x = _images(3, 2)
     fc = model.get_layer("fc")
     probe = keras.Model(model.input, fc.input)
@@ -93,7 +94,7 @@ def test_the_randomisation_test_rebuilds_the_side_file_and_the_layers(tmp_path):
     layer = {"geometry": None, "feature_shape": [4, 4, 256]}
     meta = {"class_names": ["a", "b", "c"], "input_size": 64, "value_range": [0.0, 1.0], "feature_layer": "conv4",
             "feature_shape": [4, 4, 256], "head": "flatten", "head_file": "model.head.onnx", "export_id": "e1",
-            "input_grads_file": "model.inputgrads.onnx",
+            "input_grads_file": "model.inputgrads.onnx", "guided_grads_file": "model.guidedgrads.onnx",
             "feature_layers": [{**layer, "name": "conv4", "layer": "conv4", "features": "features", "grads": "grads"},
                                {"name": "conv3", "layer": "conv3", "features": "features_1", "grads": "grads_1",
                                 "feature_shape": [8, 8, 128], "geometry": None}]}
@@ -102,4 +103,5 @@ def test_the_randomisation_test_rebuilds_the_side_file_and_the_layers(tmp_path):
     stage, path = next(cascade)
     ex = Explainer(path, warmup=False)
     assert ex.explain(images, "saliency").cams.shape == (2, 64, 64)
+    assert ex.explain(images, "guided-gradcam").cams.shape == (2, 64, 64)   # the guided file rebuilt too
     assert ex.explain(images, "layercam").cams.shape == (2, 64, 64)   # fused over conv4 and conv3
