@@ -31,8 +31,10 @@ def _inside(b, y, bound: float, upper: bool):
     passes a fraction of its gradient, where torch passes it all. Why not Greater and Cast:
     onnxruntime's blocked-layout (NCHWc) kernels run HardSigmoid and Mul in place and the
     gradient stays in their layout, where a comparison moves every tensor out of it and
-    back (EfficientNet-Lite0's saliency: 99 layout moves, 14 ms against 10). None when the
-    bound's scale would overflow."""
+    back (EfficientNet-Lite0's saliency at batch 1, interleaved: 10.9 ms with Greater, Less,
+    And and Cast against 9.9 with masks kept in the layout as 1x1 Convs, which HardSigmoid
+    beats in turn, 11.7 against 14.2 in a slower hour). None when the bound's scale would
+    overflow or the tensor is not float32."""
     f = np.float32(bound)
     gap = abs(float(np.nextafter(f, np.float32(-np.inf if upper else np.inf))) - float(f))
     if not 0.0 < gap < np.inf:   # an infinite bound, or none inside it
