@@ -134,11 +134,11 @@ class OnnxModel:
                 raise ModelError(f"{os.path.join(os.path.dirname(os.path.abspath(self.path)), name)}: missing or from "
                                  f"another export than {os.path.basename(self.path)}; copy the files of one export "
                                  "together, or re-export with --input-grads")
-            self._input_grads[key] = session
-        session = self._input_grads[key]
+            inputs = [*session.get_inputs(), *session.get_overridable_initializers()]   # (guided had a default)
+            self._input_grads[key] = (session, any(i.name == "guided" for i in inputs))
+        session, switched = self._input_grads[key]
         feeds = {self.input_name: np.ascontiguousarray(x, np.float32), "target": np.asarray(targets, np.int64)}
-        inputs = [*session.get_inputs(), *session.get_overridable_initializers()]   # (guided had a default)
-        if any(i.name == "guided" for i in inputs):   # the one-file export of before
+        if switched:   # the one-file export of before
             feeds["guided"] = np.array([bool(guided)])
         elif guided and key == "input_grads_file":
             raise ModelError(f"{self.path}: this export has no guided backpropagation file; re-export it with --input-grads")
