@@ -122,7 +122,7 @@ def check_input_grads(side: onnx.ModelProto, images=None, classes=None, directio
     itself (image -> logits, in float64 where onnxruntime has every op in double), along
     random directions, for a few classes; `input_grads_batch`: a batch gives what its images
     give one by one."""
-    from .autodiff_check import FD_TOLERANCE_FLOAT32, TOLERANCES, _fd_error, head_graph
+    from .autodiff_check import FD_STEPS, FD_TOLERANCE_FLOAT32, TOLERANCES, _fd_error, head_graph
     from .autodiff_double import as_double
 
     hw = _image_hw(side)
@@ -151,8 +151,7 @@ def check_input_grads(side: onnx.ModelProto, images=None, classes=None, directio
         g = s.run([OUTPUT], {"image": x, "target": np.full(n, c, np.int64)})[0].astype(np.float64)
         for _ in range(directions):
             v = rng.standard_normal(x.shape)
-            steps = (1e-6, 1e-7) if dtype == np.float64 else (1e-2, 1e-3, 1e-4)
-            worst = max(worst, float(_fd_error(score, x, g, v, c, (1, 2, 3), steps).max()))
+            worst = max(worst, float(_fd_error(score, x, g, v, c, (1, 2, 3), FD_STEPS[np.dtype(dtype).name]).max()))
     ones = np.concatenate([s.run([OUTPUT], {"image": x[i:i + 1]})[0] for i in range(n)])
     whole = s.run([OUTPUT], {"image": x})[0]
     batch = float(np.abs(ones - whole).max() / max(1.0, float(np.abs(whole).max())))
