@@ -6,8 +6,9 @@
 - `grads` agrees with central finite differences of the head graph (feature tensor ->
   score, cut out of the new model) along random directions, for several classes.
 
-Finite differences are taken at two step sizes and the better one counts, so a ReLU kink
-crossed by one step does not fail a correct gradient. Where a direction moves a zero
+Finite differences are taken at three step sizes, in float64 one-sided as well as central,
+and the best one counts, so a ReLU kink crossed by a step does not fail a correct
+gradient (_fd_error). Where a direction moves a zero
 feature (after a ReLU, max-pool windows are often all zeros, a tie whose gradient is a
 convention, not a limit), it is retried once with those features held still.
 """

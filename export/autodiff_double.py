@@ -1,8 +1,9 @@
 """A head graph in float64, for the self-check's finite differences.
 
 In float32 a central difference is good to about 1e-2 on a deep head: small steps drown
-in rounding, large ones cross ReLU kinks and max-pool near-ties. In float64 steps of 1e-7
-resolve both, so the check can ask for 1e-4. onnxruntime lacks some ops in double; those
+in rounding, large ones cross ReLU kinks and max-pool near-ties. In float64 steps of 1e-6
+to 1e-8 (one-sided too where a kink lies within a step) resolve both, so the check can ask
+for 1e-4. onnxruntime lacks some ops in double; those
 are written with ops it has: Conv as one MatMul per kernel offset (grouped), HardSigmoid,
 HardSwish, Softplus and Elu elementwise, GlobalAveragePool / GlobalMaxPool as reductions,
 InstanceNormalization from its formula, Resize as one MatMul per resized axis with the
