@@ -35,7 +35,7 @@ __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",
     "xgradcam_weights", "grad_product_sum", "relu", "normalize_minmax",
     "upsample_bilinear", "upsample_placed", "heatmap_placed", "channel_max_abs", "masked_inputs", "shrink_area",
-    "mask_weighted_sum", "finer_seed", "path_attributions",
+    "mask_weighted_sum", "finer_seed", "path_accumulate",
 ]
 
 BACKEND = "numpy" if _k.NUMBA_ERROR else "numba"
@@ -85,7 +85,7 @@ def _build(backend):
                  for name in ("upsample_bilinear", "upsample_placed", "heatmap_placed")})
     impl["shrink_area"] = getattr(_frames, f"shrink_area_{'nb' if nb else 'np'}")
     impl["mask_weighted_sum"] = getattr(_masks, f"mask_weighted_sum_{'nb' if nb else 'np'}")
-    impl["path_attributions"] = getattr(_masks, f"path_attributions_{'nb' if nb else 'np'}")
+    impl["path_accumulate"] = getattr(_masks, f"path_accumulate_{'nb' if nb else 'np'}")
 
     def channel_mean(grads):
         """(N, h, w, C) -> (N, C): mean over pixels (Grad-CAM weights)."""
@@ -198,16 +198,19 @@ def _build(backend):
             raise ValueError(f"{len(w)} weights for {len(m)} masks")
         return impl["mask_weighted_sum"](m.reshape(len(m), -1), w).reshape(m.shape[1:])
 
-    def path_attributions(grads, weights, diff):
-        """(x - x') * sum_k w_k g_k (Integrated Gradients' attributions of one image) -> float64
-        shaped like diff: grads (K, ...) at the path's K points, weights (K,), diff = x - x'
-        (float32, taken to float64 as it is), accumulated in float64 in point order."""
+    def path_accumulate(acc, grads, weights):
+        """acc += sum_k w_k g_k in place, in float64 in point order (Integrated Gradients' path
+        sum, one call's points at a time: the calls in order give what one pass over the whole
+        path gives, bit for bit): acc float64 C-contiguous shaped like one g, grads (K, ...) at
+        K of the path's points, weights (K,). Returns acc."""
         g = np.ascontiguousarray(grads, np.float32)
         w = np.ascontiguousarray(weights, np.float64).reshape(-1)
-        d = np.ascontiguousarray(diff, np.float32)
-        if len(w) != len(g) or g.shape[1:] != d.shape:
-            raise ValueError(f"grads {g.shape}, weights {w.shape} and diff {d.shape} do not match")
-        return impl["path_attributions"](g.reshape(len(g), -1), w, d.reshape(-1).astype(np.float64)).reshape(d.shape)
+        if not (isinstance(acc, np.ndarray) and acc.dtype == np.float64 and acc.flags.c_contiguous):
+            raise ValueError("acc must be a C-contiguous float64 array")
+        if len(w) != len(g) or g.shape[1:] != acc.shape:
+            raise ValueError(f"grads {g.shape}, weights {w.shape} and acc {acc.shape} do not match")
+        impl["path_accumulate"](acc.reshape(-1), g.reshape(len(g), -1), w)
+        return acc
 
     def shrink_area(image, out_h, out_w=None, swap_rb=False):
         """(H, W, ch) uint8 -> (out_h, out_w, ch) uint8 by area averaging, the pixels of
@@ -229,7 +232,7 @@ def _build(backend):
         grad_product_sum=grad_product_sum, relu=relu, normalize_minmax=normalize_minmax,
         upsample_bilinear=upsample_bilinear, upsample_placed=upsample_placed, heatmap_placed=heatmap_placed,
         channel_max_abs=channel_max_abs, finer_seed=finer_seed, masked_inputs=masked_inputs,
-        shrink_area=shrink_area, mask_weighted_sum=mask_weighted_sum, path_attributions=path_attributions)
+        shrink_area=shrink_area, mask_weighted_sum=mask_weighted_sum, path_accumulate=path_accumulate)
 
 
 _NAMESPACES: dict[str, types.SimpleNamespace] = {}
@@ -270,7 +273,7 @@ def warmup(ns=None) -> None:
     ns.masked_inputs(rng.random((5, 4, 3), dtype=np.float32), m)
     ns.shrink_area(np.zeros((7, 9, 3), np.uint8), 3, 4, True)
     ns.mask_weighted_sum(m, np.ones(len(m), np.float32))
-    ns.path_attributions(g, np.ones(1), g[0])
+    ns.path_accumulate(np.zeros(g.shape[1:]), g, np.ones(1))
 
 
 _auto = get()
@@ -289,4 +292,4 @@ finer_seed = _auto.finer_seed
 masked_inputs = _auto.masked_inputs
 shrink_area = _auto.shrink_area
 mask_weighted_sum = _auto.mask_weighted_sum
-path_attributions = _auto.path_attributions
+path_accumulate = _auto.path_accumulate

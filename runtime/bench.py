@@ -64,6 +64,22 @@ def rise_per_mask(ex: dict, image, plain, x, min_seconds: float) -> dict:
     return {k: (ms[k], ms["forward"] * RISE_MASKS / (32 * calls)) for k in ex}
 
 
+PER_SAMPLE_IMAGES = 4   # the per-sample rows' images: at 224 px two input-gradient calls of 2, as a batch of 32 makes
+
+
+def per_sample(e: Explainer, images, method: str, min_seconds: float) -> tuple:
+    """(ms per sample of `method`, ms per image of saliency): SmoothGrad or IG on GRAD_SAMPLES
+    samples of a few images (PER_SAMPLE_IMAGES, fewer in a smaller batch) beside saliency of
+    the same images, in interleaved rounds of a fraction of a second. Timed apart from the
+    batch's row, as RISE's per mask: the row's rounds last seconds at batch 32, long enough
+    for this box's speed to change between the two calls of a round, and the ratio is per
+    image anyway (each image's samples are its own calls)."""
+    kw = {SAMPLE_OPTIONS[method]: GRAD_SAMPLES}
+    fns = {"method": lambda: e.explain(images, method, **kw), "saliency": lambda: e.explain(images, "saliency")}
+    ms = _interleaved(fns, len(images), 2 * min_seconds, min_rounds=5)   # 2 s a row by default
+    return ms["method"] / GRAD_SAMPLES, ms["saliency"]
+
+
 def plain_forward_session(model_path: str, threads: int | None):
     """The classifier alone (image -> logits, probabilities): the baseline every method is
     compared with. The export's model.forward.onnx where it exists; else the main graph
@@ -170,8 +186,6 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                 kw, kinds = {SAMPLE_OPTIONS[method]: GRAD_SAMPLES}, {"numba": ex["numba"]}
             slow = {"forward": lambda: [forward() for _ in range(10)],
                     **{k: (lambda e=e, m=method: e.explain(x_u8, m, **kw)) for k, e in kinds.items()}}
-            if method in SAMPLE_OPTIONS:
-                slow["saliency"] = lambda: ex["numba"].explain(x_u8, "saliency")
             if method == "scorecam" and model.masked_forward() is not None:  # before/after receptive-field crops
                 slow["whole"] = lambda m=method: ex["numba"].explain(x_u8, m, scorecam_crop=False)
             # at batch 32 a round of SmoothGrad or IG lasts seconds, long enough for this VM to drift: 4
@@ -182,7 +196,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
             for kernels in kinds:
                 add(label.get(method, method), kernels, batch, ms[kernels], ms["forward"])
             if method in SAMPLE_OPTIONS:  # x forward here reads as "x saliency" (one forward + backward)
-                add(f"{method}, per sample (x saliency)", "numba", batch, ms["numba"] / GRAD_SAMPLES, ms["saliency"])
+                add(f"{method}, per sample (x saliency)", "numba", batch,
+                    *per_sample(ex["numba"], x_u8[:PER_SAMPLE_IMAGES], method, min_seconds))
             if method == "rise":  # x forward here reads as "x N forward passes": see rise_per_mask
                 for kernels, value in rise_per_mask(ex, x_u8[:1], plain, x[:1], min_seconds).items():
                     add("rise, per mask", kernels, batch, *value)

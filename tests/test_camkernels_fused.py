@@ -82,18 +82,26 @@ def test_finer_seed_against_loop(backend):
         ns.finer_seed(logits, np.array([0, 1, 2, 12]), 2)
 
 
-def test_path_attributions_kernel_numba_equals_numpy_and_the_plain_sum():
-    """Integrated Gradients' (x - x') * sum_k w_k g_k: both twins in point order in float64,
-    against einsum of the float64 values."""
+def test_path_accumulate_numba_equals_numpy_and_the_plain_sum_call_by_call():
+    """Integrated Gradients' sum_k w_k g_k added into a float64 accumulator a call's points at
+    a time: both twins in point order, so calls of 2, 3 and 4 points give what one pass over
+    all 9 gives bit for bit; against einsum of the float64 values."""
     from explicam import camkernels
 
     rng = np.random.default_rng(1)
     g, w = rng.standard_normal((9, 11, 13, 3), dtype=np.float32), rng.random(9)
-    x, x0 = rng.random((11, 13, 3), dtype=np.float32), rng.random((11, 13, 3), dtype=np.float32)
-    want = (x - x0).astype(np.float64) * np.einsum("k,khwc->hwc", w, g.astype(np.float64))
-    nb, npy = (camkernels.get(b).path_attributions(g, w, x - x0) for b in ("numba", "numpy"))
-    assert nb.dtype == np.float64 and nb.shape == (11, 13, 3)
-    np.testing.assert_array_equal(nb, npy)
-    np.testing.assert_allclose(nb, want, rtol=1e-12, atol=1e-12)
+    want = np.einsum("k,khwc->hwc", w, g.astype(np.float64))
+    whole = {b: camkernels.get(b).path_accumulate(np.zeros((11, 13, 3)), g, w) for b in ("numba", "numpy")}
+    np.testing.assert_array_equal(whole["numba"], whole["numpy"])
+    np.testing.assert_allclose(whole["numba"], want, rtol=1e-12, atol=1e-12)
+    for b in ("numba", "numpy"):
+        for step in (2, 3, 4):
+            acc = np.zeros((11, 13, 3))
+            for s in range(0, 9, step):
+                out = camkernels.get(b).path_accumulate(acc, g[s:s + step], w[s:s + step])
+            assert out is acc
+            np.testing.assert_array_equal(acc, whole[b])
     with pytest.raises(ValueError, match="do not match"):
-        camkernels.path_attributions(g, w[:3], x - x0)
+        camkernels.path_accumulate(np.zeros((11, 13, 3)), g, w[:3])
+    with pytest.raises(ValueError, match="float64"):
+        camkernels.path_accumulate(np.zeros((11, 13, 3), np.float32), g, w)

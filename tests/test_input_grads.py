@@ -312,52 +312,46 @@ def test_an_export_from_before_with_the_guided_switch_still_explains(torch_ig, t
     assert np.array_equal(model.input_gradients(x, [0, 1], guided=True)["input_grads"], 2 * x)
 
 
-def test_the_finite_difference_check_takes_kinks_beside_the_point_and_still_catches_errors():
-    """A ReLU input 6e-8 from zero over a flat patch, and one 9e-10 from zero at a single pixel,
-    bend every central difference the check used to take (steps 1e-6 and 1e-7 of the rms value;
-    the 2-epoch seed net of 2026-12-02 was refused so, its gradient equal to tf.GradientTape's
-    to 3e-7). The check passes the exact gradient and refuses one 1% off."""
-    import io
+def test_bench_times_the_per_sample_rows_apart_on_a_few_images(torch_ig, monkeypatch):
+    """SmoothGrad's and IG's "per sample (x saliency)" rows: each method beside saliency on the
+    batch's first PER_SAMPLE_IMAGES images (1 at batch 1), not inside the batch's long rounds."""
+    from explicam.runtime import bench
+    from explicam.runtime.explainer import Explainer
 
-    from explicam.export.autodiff import export_gradients
-    from explicam.export.input_grads import check_input_grads, input_grads_model
-    from explicam.export.onnx import classifier_only
-    from explicam.export.prologue import Preprocess, add_prologue
+    calls = []
+    explain = Explainer.explain
 
-    torch.manual_seed(4)
-    nn = torch.nn
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
-    x = _images(1, 7, 16, 16)
-    x[0, 2:10, 2:10] = 0.5            # channel 0 sums this patch to exactly 0 ...
-    x[0, 12, 12] = (0.25, 0.5, 0.75)  # ... and channel 1 this pixel
-    with torch.no_grad():
-        net[0].weight[:2, :, 0, 0] = torch.tensor([[0.5, 0.25, -0.75], [1.0, 1.0, -1.0]])
-        net[0].bias[:2] = torch.tensor([2.0 ** -24, 2.0 ** -30])   # the kinks' distances, exact in float32
-    buf = io.BytesIO()
-    torch.onnx.export(net, torch.rand(1, 3, 16, 16), buf, dynamo=False, opset_version=17, input_names=["input"])
-    main, _ = export_gradients(buf.getvalue())
-    add_prologue(main, "input", Preprocess(layout="nchw"), (16, 16))
-    side = input_grads_model(classifier_only(main, features=False))
-    s = ort.InferenceSession(side.SerializeToString(), providers=["CPUExecutionProvider"])
-    f = lambda t: net.double()(t.permute(0, 3, 1, 2))  # noqa: E731
-    want = _torch_grad(f, x.astype(np.float64), 0)
-    assert _rel(s.run(["input_grads"], {"image": x, "target": np.zeros(1, np.int64)})[0], want) < 1e-5
-    # the premise: central differences at every step the check takes are bent by more than its tolerance
-    v = np.random.default_rng(0).standard_normal(x.shape)
-    rms = float(np.sqrt((x.astype(np.float64) ** 2).mean()))
-    for rel in (1e-6, 1e-7, 1e-8):
-        h = rel * rms / float(np.sqrt((v ** 2).mean()))
-        with torch.no_grad():
-            fd = (f(torch.tensor(x + h * v))[0, 0] - f(torch.tensor(x - h * v))[0, 0]).item() / (2 * h)
-        assert abs(fd - (want * v).sum()) > 1e-4 * abs((want * v).sum())
-    report, bad = check_input_grads(side, images=x, classes=[0, 2])
-    assert not bad and report["input_grads_fd"] < 1e-5
-    out = side.graph.output[[o.name for o in side.graph.output].index("input_grads")]
-    off = onnx.ModelProto.FromString(side.SerializeToString())
-    for node in off.graph.node:   # the same file, its gradient 1% off
-        node.output[:] = ["input_grads_exact" if o == out.name else o for o in node.output]
-    off.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "one_percent"))
-    off.graph.node.append(helper.make_node("Mul", ["input_grads_exact", "one_percent"], [out.name]))
-    report, bad = check_input_grads(off, images=x, classes=[0, 2])
-    assert bad and "input_grads_fd" in bad[0] and report["input_grads_fd"] > 1e-3
+    def spy(self, images, method="gradcam", target=None, **kw):
+        calls.append((method, len(images), kw.get("smoothgrad_samples", kw.get("ig_steps"))))
+        return explain(self, images, method, target, **kw)
+
+    monkeypatch.setattr(Explainer, "explain", spy)
+    res = bench.run_bench(str(torch_ig[1]), methods=["saliency", "smoothgrad", "integrated-gradients"],
+                          batches=(1, 6), min_seconds=0.01, log=lambda *_: None)
+    rows = {(r["name"], r["batch"]): r for r in res["rows"]}
+    for batch, n in ((1, 1), (6, bench.PER_SAMPLE_IMAGES)):
+        for m in ("smoothgrad", "integrated-gradients"):
+            r = rows[(f"{m}, per sample (x saliency)", batch)]
+            assert r["ms_per_image"] > 0 and r["ratio"] > 0
+            assert (m, n, bench.GRAD_SAMPLES) in calls   # the per-sample rounds' calls
+            assert (m, batch, bench.GRAD_SAMPLES) in calls   # and the batch's own row
+        assert ("saliency", n, None) in calls
+
+
+def test_smoothgrad_and_ig_hold_one_calls_samples_at_a_time(torch_ig):
+    """An image's samples go through the gradient file a call at a time: numpy's peak stays
+    under what all 40 noisy copies of the image would take (the code before held them, their
+    gradients and a float64 copy: several times that), and the maps equal the one-call run's."""
+    import tracemalloc
+
+    ex = _explainer(torch_ig[1])
+    img = _u8(_images(1, 8))
+    one_copy = _images(1).nbytes
+    for method, kw in (("smoothgrad", {"smoothgrad_samples": 40}), ("integrated-gradients", {"ig_steps": 40})):
+        whole = ex.explain(img, method, target=1, **kw)   # 40 x 40x48 px: one call of all the samples
+        tracemalloc.start()
+        calls = ex.explain(img, method, target=1, input_grads_batch=4, **kw)   # ten calls of 4
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 40 * one_copy / 2, (method, peak, one_copy)
+        np.testing.assert_allclose(calls.cams, whole.cams, rtol=1e-5, atol=1e-6 * float(np.abs(whole.cams).max()))
