@@ -3,7 +3,7 @@
 - the new model's copies of the original outputs equal the original file's (random images),
   and the default target is the top-1 class;
 - a batch gives what its images give one by one (the batch-dynamic rewrite);
-- `grads` agrees with central finite differences of the head graph (feature tensor ->
+- `grads` agrees with finite differences of the head graph (feature tensor ->
   score, cut out of the new model) along random directions, for several classes.
 
 Finite differences are taken at three step sizes, in float64 one-sided as well as central,
