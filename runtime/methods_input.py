@@ -35,9 +35,14 @@ def _option(a: CamInputs, name: str, defaults: dict):
     return defaults[name] if value is None else value
 
 
+def _call_size(hw, batch=None) -> int:
+    """Images per input-gradient call: `batch`, else as many as INPUT_GRAD_PIXELS hold."""
+    return max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(hw))))
+
+
 def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=None) -> dict:
     """OnnxModel.input_gradients over many images, a few per call (INPUT_GRAD_PIXELS, or `batch`)."""
-    batch = max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(x.shape[1:3]))))
+    batch = _call_size(x.shape[1:3], batch)
     parts = [model.input_gradients(x[s:s + batch], targets[s:s + batch], guided) for s in range(0, len(x), batch)]
     if len(parts) == 1:   # one call (a frame, a few images): its arrays as they came, no copy
         return parts[0]
@@ -58,16 +63,15 @@ def _gradients(a: CamInputs, method: str, x: np.ndarray, targets, guided: bool =
 
 
 def _sample_calls(a: CamInputs, method: str, samples: int, target: int, fill, use):
-    """One image's `samples` inputs through the input-gradient file, a call at a time (the
-    calls' size as input_gradients'): fill(buf, s, e) writes samples s..e-1 into buf, use(g, logits,
+    """One image's `samples` inputs through the input-gradient file, a call at a time
+    (_call_size images each, as input_gradients makes): fill(buf, s, e) writes samples s..e-1 into buf, use(g, logits,
     s, e) takes their gradients and logits. One call's arrays at a time, not all of an image's
     samples at once: with the default 50 at 224 px, numpy's peak per image fell from 61 MB to
     4 (SmoothGrad) and from 66 to 6 (IG; tracemalloc, EfficientNet-Lite0), what an edge board
     feels; the time per sample did not change (interleaved against the old code, 4 images)."""
     _needs_input_grads(a, method)
-    h, w, c = a.inputs.shape[1:]
-    batch = max(1, int(a.options.get("input_grads_batch") or INPUT_GRAD_PIXELS // (h * w)))
-    buf = np.empty((min(batch, samples), h, w, c), np.float32)
+    batch = _call_size(a.inputs.shape[1:3], a.options.get("input_grads_batch"))
+    buf = np.empty((min(batch, samples), *a.inputs.shape[1:]), np.float32)
     targets = np.full(len(buf), target, np.int64)
     for s in range(0, samples, batch):
         e = min(s + batch, samples)
