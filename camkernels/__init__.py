@@ -20,16 +20,52 @@ This package imports numpy and numba only (edge devices have no TensorFlow).
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import operator
+import os
 import sys
 import types
 
 import numpy as np
 
-from explicam.camkernels import frames as _frames
-from explicam.camkernels import kernels as _k
-from explicam.camkernels import masks as _masks
-from explicam.camkernels import placement as _placement
+
+def _drop_stale_cache(here: str | None = None) -> None:
+    """numba's on-disk cache (cache=True) checks each kernel against its own file only: one that
+    calls a kernel of another file (placement.heatmap_placed_nb -> kernels._minmax_rows) keeps
+    the callee's old machine code after that file changes, in a checkout after an edit or a
+    pull. So the cache carries a digest of every kernel file and is dropped when it changes.
+    A read-only install has no cache to keep here; nothing is done then."""
+    here = here or os.path.dirname(os.path.abspath(__file__))
+    cache = os.path.join(here, "__pycache__")
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    stamp = os.path.join(cache, "numba-sources.sha1")
+    try:
+        with open(stamp) as f:
+            if f.read() == digest.hexdigest():
+                return
+    except OSError:
+        pass
+    try:
+        for old in glob.glob(os.path.join(cache, "*.nbi")) + glob.glob(os.path.join(cache, "*.nbc")):
+            os.remove(old)
+        os.makedirs(cache, exist_ok=True)
+        with open(stamp + ".tmp", "w") as f:
+            f.write(digest.hexdigest())
+        os.replace(stamp + ".tmp", stamp)
+    except OSError:
+        pass
+
+
+_drop_stale_cache()
+
+from explicam.camkernels import frames as _frames  # noqa: E402  (after the cache check)
+from explicam.camkernels import kernels as _k  # noqa: E402
+from explicam.camkernels import masks as _masks  # noqa: E402
+from explicam.camkernels import placement as _placement  # noqa: E402
 
 __all__ = [
     "BACKEND", "get", "warmup", "channel_mean", "weighted_sum", "gradcampp_weights",

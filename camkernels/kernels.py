@@ -208,24 +208,54 @@ def relu_np(x):
 # --- Min-max normalisation of each row of an (N, P) array (the wrapper flattens maps) -------
 # A constant row (max - min <= 1e-12 * max(1, |max|)) gives zeros. Inputs must be finite.
 @_jit
+def _row_min_max(r):
+    """(min, max) of a 1-D float32 array in 8 independent chains: LLVM keeps the comparisons
+    scalar (it will not vectorise a float min without fastmath), and one chain waits on each
+    comparison's latency; 8 of them took a 224x224 map from 27 to 14 us. Exact, any order."""
+    n = r.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = r[0]
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = r[0]
+    end = n - n % 8
+    for p in range(0, end, 8):
+        v0, v1, v2, v3, v4, v5, v6, v7 = r[p], r[p + 1], r[p + 2], r[p + 3], r[p + 4], r[p + 5], r[p + 6], r[p + 7]
+        a0, b0 = min(a0, v0), max(b0, v0)
+        a1, b1 = min(a1, v1), max(b1, v1)
+        a2, b2 = min(a2, v2), max(b2, v2)
+        a3, b3 = min(a3, v3), max(b3, v3)
+        a4, b4 = min(a4, v4), max(b4, v4)
+        a5, b5 = min(a5, v5), max(b5, v5)
+        a6, b6 = min(a6, v6), max(b6, v6)
+        a7, b7 = min(a7, v7), max(b7, v7)
+    mn = min(min(min(a0, a1), min(a2, a3)), min(min(a4, a5), min(a6, a7)))
+    mx = max(max(max(b0, b1), max(b2, b3)), max(max(b4, b5), max(b6, b7)))
+    for p in range(end, n):
+        mn, mx = min(mn, r[p]), max(mx, r[p])
+    return mn, mx
+
+
+@_jit
+def _scale_row(r, out, mn, mx):
+    """out = (r - mn) / (mx - mn), or zeros for a constant row. `out` is `r` itself or a row of
+    another array, never a partial overlap: a loop over one array is the in-place case LLVM
+    vectorises (two names for one buffer fail its overlap check and the division runs a lane
+    at a time: 50 us instead of 4 on a 224x224 map)."""
+    rng = mx - mn
+    if rng <= 1e-12 * max(1.0, abs(np.float64(mx))):
+        out[:] = 0
+    elif r is out:
+        for p in range(r.shape[0]):
+            r[p] = (r[p] - mn) / rng
+    else:
+        for p in range(r.shape[0]):
+            out[p] = (r[p] - mn) / rng
+
+
+@_jit
 def _minmax_rows(x, out):
     """out[n] = (x[n] - min) / (max - min) row by row; out may be x itself (in place)."""
     for n in range(x.shape[0]):
-        mn = x[n, 0]
-        mx = x[n, 0]
-        for p in range(1, x.shape[1]):
-            v = x[n, p]
-            if v < mn:
-                mn = v
-            if v > mx:
-                mx = v
-        rng = mx - mn
-        if rng <= 1e-12 * max(1.0, abs(np.float64(mx))):
-            for p in range(x.shape[1]):
-                out[n, p] = 0
-        else:
-            for p in range(x.shape[1]):
-                out[n, p] = (x[n, p] - mn) / rng
+        mn, mx = _row_min_max(x[n])   # exact: the same min and max as numpy's
+        _scale_row(x[n], x[n] if out is x else out[n], mn, mx)
 
 
 @_jit

@@ -105,3 +105,40 @@ def test_path_accumulate_numba_equals_numpy_and_the_plain_sum_call_by_call():
         camkernels.path_accumulate(np.zeros((11, 13, 3)), g, w[:3])
     with pytest.raises(ValueError, match="float64"):
         camkernels.path_accumulate(np.zeros((11, 13, 3), np.float32), g, w)
+
+
+def test_minmax_chains_find_the_extremes_at_every_position_and_length():
+    """normalize_minmax's numba min and max run in 8 chains plus a tail: the extremes in
+    every chain and in the tail, rows of 1 to 20 values, in place (heatmap_placed) and not."""
+    nb, np_ = ck.get("numba"), NPY
+    for n in range(1, 21):
+        for at in range(n):
+            row = np.linspace(0.25, 0.75, n, dtype=np.float32)[None]
+            rows = np.concatenate([row, row, row])
+            rows[0, at], rows[1, at], rows[2, at] = -3.0, 9.0, 0.5   # the min, the max, neither
+            want = np_.normalize_minmax(rows)
+            assert np.array_equal(nb.normalize_minmax(rows), want), (n, at)
+            if n > 1:
+                assert want[0, at] == 0 and want[1, at] == 1
+    maps = np.random.default_rng(3).standard_normal((2, 5, 3)).astype(np.float32)
+    assert np.array_equal(nb.heatmap_placed(maps, 23, 17, 4.0, 1.5, 5.0, 2.0),
+                          np_.heatmap_placed(maps, 23, 17, 4.0, 1.5, 5.0, 2.0))
+
+
+def test_a_kernel_file_change_drops_the_numba_cache(tmp_path):
+    """numba checks a cached kernel against its own file only; camkernels drops the whole
+    cache when any kernel file changes (a callee in another file would stay stale)."""
+    (tmp_path / "a.py").write_text("x = 1\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    (cache / "a.f-1.py311.nbi").write_text("old")
+    ck._drop_stale_cache(str(tmp_path))          # no stamp yet: dropped, stamp written
+    assert not (cache / "a.f-1.py311.nbi").exists() and (cache / "numba-sources.sha1").exists()
+    (cache / "a.f-1.py311.nbi").write_text("new")
+    (cache / "a.f-1.py311.1.nbc").write_text("new")
+    ck._drop_stale_cache(str(tmp_path))          # sources unchanged: kept
+    assert (cache / "a.f-1.py311.nbi").exists() and (cache / "a.f-1.py311.1.nbc").exists()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    ck._drop_stale_cache(str(tmp_path))          # a source changed: dropped
+    assert not (cache / "a.f-1.py311.nbi").exists() and not (cache / "a.f-1.py311.1.nbc").exists()
+    assert (cache / "numba-sources.sha1").exists()
