@@ -4,7 +4,8 @@ Both twins take C-contiguous float32 arrays (the wrappers in camkernels/__init__
 and validate; nothing here does) and return float32. They compute in the same precision so
 they agree to float32 rounding:
   * reductions (sums over pixels or channels) accumulate in float64 and round once at the end
-    (the one exception is the numpy `weighted_sum`, a float32 BLAS matmul: ~1e-7 relative);
+    (the one exception is the numpy `weighted_sum`, a float32 BLAS matmul: ~1e-7 relative;
+    the numba channel dot products are summed in an order of the compiler's: see _jit_dot);
   * element-wise work (relu, min-max, bilinear, masking) is plain float32, in the same
     operation order in both twins, so those agree bit for bit.
 Layouts: acts/grads (N, h, w, C) NHWC, channel weights (N, C), maps (N, h, w).
