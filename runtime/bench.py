@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -33,18 +34,27 @@ def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds:
                  max_rounds: int = 200) -> dict:
     """Median milliseconds per image of each callable, timed in interleaved rounds (one
     call of each per round, after a warm-up call each): a machine that slows down for a
-    moment slows every row alike, so the ratios stay honest on a busy box."""
-    for fn in fns.values():
+    moment slows every row alike, so the ratios stay honest on a busy box.
+
+    Each round runs the callables in a fresh order (seeded), never starting with the one that
+    ended the round before: a call right after itself finds its code and data still in the
+    caches. (With every other round reversed, as before, the first and the last row ran twice
+    in a row at each turn, so half of their samples were warm ones.)"""
+    order = list(fns.items())
+    for _, fn in order:
         fn()
     times = {name: [] for name in fns}
+    rng, last = random.Random(0), order[-1][0]
     start, rounds = time.perf_counter(), 0
-    order = list(fns.items())
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds * len(fns)):
-        # every other round backwards: no row always runs right after the same other row
-        for name, fn in (order if rounds % 2 == 0 else order[::-1]):
+        rng.shuffle(order)
+        if len(order) > 1 and order[0][0] == last:
+            order.append(order.pop(0))
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+        last = order[-1][0]
         rounds += 1
     return {name: statistics.median(t) * 1000.0 / n_images for name, t in times.items()}
 

@@ -37,3 +37,28 @@ def test_bench_times_scorecam_with_and_without_crops(onnx_model, tmp_path):
     assert all(r > 1 for r in rows.values())  # many forward passes' worth, either way
     assert "Score-CAM: masked images run only where each mask reaches" in text
     assert "of the convolution work of whole images" in text
+
+
+def test_interleaved_rounds_never_run_a_row_twice_in_a_row_and_vary_its_neighbours():
+    """Every round calls each row once; no row runs right after itself (it would find its
+    caches warm), across the turn from one round to the next too; and each row follows every
+    other row in some rounds (with a fixed or mirrored order the first and last rows were
+    each other's only neighbour at the turns)."""
+    from collections import Counter
+
+    from explicam.runtime.bench import _interleaved
+
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abcd"}
+    ms = _interleaved(fns, 1, min_seconds=0.0, min_rounds=80, max_rounds=80)
+    assert set(ms) == set("abcd") and all(v >= 0 for v in ms.values())
+    warm, timed = calls[:4], calls[4:]
+    assert warm == list("abcd") and len(timed) == 320
+    assert all(sorted(timed[i:i + 4]) == list("abcd") for i in range(0, 320, 4))
+    seq = warm + timed
+    assert all(x != y for x, y in zip(seq, seq[1:]))
+    before = Counter(zip(timed, timed[1:]))
+    for x in "abcd":
+        for y in "abcd":
+            if x != y:
+                assert before[(x, y)] >= 10, (x, y, before)
