@@ -53,9 +53,10 @@ def _drop_stale_cache(here: str | None = None) -> None:
         for old in glob.glob(os.path.join(cache, "*.nbi")) + glob.glob(os.path.join(cache, "*.nbc")):
             os.remove(old)
         os.makedirs(cache, exist_ok=True)
-        with open(stamp + ".tmp", "w") as f:
+        tmp = f"{stamp}.{os.getpid()}.tmp"   # one per process: two starting at once each write whole
+        with open(tmp, "w") as f:
             f.write(digest.hexdigest())
-        os.replace(stamp + ".tmp", stamp)
+        os.replace(tmp, stamp)
     except OSError:
         pass
 

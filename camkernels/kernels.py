@@ -232,7 +232,7 @@ def _scale_row(r, out, mn, mx):
     """out = (r - mn) / (mx - mn), or zeros for a constant row. `out` is `r` itself or a row of
     another array, never a partial overlap: a loop over one array is the in-place case LLVM
     vectorises (two names for one buffer fail its overlap check and the division runs a lane
-    at a time: 50 us instead of 4 on a 224x224 map)."""
+    at a time: ~30 us instead of 4 on a 224x224 map)."""
     rng = mx - mn
     if rng <= 1e-12 * max(1.0, abs(np.float64(mx))):
         out[:] = 0
