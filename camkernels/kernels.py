@@ -249,7 +249,7 @@ def _minmax_rows(x, out):
     """out[n] = (x[n] - min) / (max - min) row by row; out may be x itself (in place)."""
     for n in range(x.shape[0]):
         mn, mx = _row_min_max(x[n])   # exact: the same min and max as numpy's
-        _scale_row(x[n], x[n] if out is x else out[n], mn, mx)
+        _scale_row(x[n], out[n], mn, mx)
 
 
 @_jit
