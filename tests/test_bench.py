@@ -41,9 +41,9 @@ def test_bench_times_scorecam_with_and_without_crops(onnx_model, tmp_path):
 
 def test_interleaved_rounds_never_run_a_row_twice_in_a_row_and_vary_its_neighbours():
     """Every round calls each row once; no row runs right after itself (it would find its
-    caches warm), across the turn from one round to the next too; and each row follows every
-    other row in some rounds (with a fixed or mirrored order the first and last rows were
-    each other's only neighbour at the turns)."""
+    caches warm), across the turn from one round to the next too (mirrored rounds ran the
+    first and the last row twice in a row at every turn); and each row follows every other
+    row in some rounds."""
     from collections import Counter
 
     from explicam.runtime.bench import _interleaved
