@@ -24,6 +24,21 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def cli_in_process(*args):
+    """`python cli.py ARGS` run in this process, for the commands that stop early with a
+    one-line error: no second Python and TensorFlow start (8-10 s a call on a 2-core CI).
+    A user error comes back as run_cli's would (returncode, stdout, stderr); any other
+    exception is raised into the test rather than printed as a traceback."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from explicam.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     from explicam.train import synth

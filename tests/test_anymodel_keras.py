@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
 def _meta(path):
@@ -108,7 +108,7 @@ def test_a_lambda_layer_is_refused_before_keras_reads_it(tmp_path):
     x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)
     model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
     model.save(tmp_path / "lam.keras")
-    res = run_cli("export", "--model", tmp_path / "lam.keras", "--out", tmp_path / "o" / "model.onnx")
+    res = cli_in_process("export", "--model", tmp_path / "lam.keras", "--out", tmp_path / "o" / "model.onnx")
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "layer 'double' is a Lambda" in res.stderr and "never runs code" in res.stderr
     assert not (tmp_path / "o").exists()

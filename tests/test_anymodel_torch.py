@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.test_anymodel_keras import _export, _meta
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -154,21 +154,21 @@ def test_errors_name_the_file_and_what_to_do(tmp_path):
             return self.net(x), self.net.features(x).mean((2, 3))
 
     two = _to_onnx(TwoHeads(), tmp_path / "two.onnx", (1, 3, 32, 32), output_names=["cls", "emb"])
-    res = run_cli("export", "--model", two, "--out", tmp_path / "a" / "model.onnx")
+    res = cli_in_process("export", "--model", two, "--out", tmp_path / "a" / "model.onnx")
     assert res.returncode != 0 and "cls" in res.stderr and "emb" in res.stderr and "--output" in res.stderr
-    assert run_cli("export", "--model", two, "--output", "cls", "--out", tmp_path / "b" / "model.onnx").returncode == 0
+    assert cli_in_process("export", "--model", two, "--output", "cls", "--out", tmp_path / "b" / "model.onnx").returncode == 0
 
     dyn = _to_onnx(net, tmp_path / "dyn.onnx", (1, 3, 32, 32),
                    dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "scores": {0: "n"}})
-    res = run_cli("export", "--model", dyn, "--out", tmp_path / "c" / "model.onnx")
+    res = cli_in_process("export", "--model", dyn, "--out", tmp_path / "c" / "model.onnx")
     assert res.returncode != 0 and "--input-size" in res.stderr and "Traceback" not in res.stderr
-    assert run_cli("export", "--model", dyn, "--input-size", "48,40",
+    assert cli_in_process("export", "--model", dyn, "--input-size", "48,40",
                    "--out", tmp_path / "d" / "model.onnx").returncode == 0
     assert _meta(tmp_path / "d" / "model.onnx")["input_size"] == [48, 40]
 
     mlp = _to_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)), tmp_path / "mlp.onnx",
                    (1, 3, 16, 16))
-    res = run_cli("export", "--model", mlp, "--out", tmp_path / "e" / "model.onnx")
+    res = cli_in_process("export", "--model", mlp, "--out", tmp_path / "e" / "model.onnx")
     assert res.returncode != 0 and "Traceback" not in res.stderr and "spatial" in res.stderr
     for folder in "ace":
         assert not (tmp_path / folder).exists()

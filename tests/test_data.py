@@ -5,7 +5,7 @@ from PIL import Image
 
 from explicam.runtime.images import ImageError, read_image
 from explicam.train.data import DataError, find_dataset, load_images
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
 def _jpg(path, colour=(200, 30, 30), size=(40, 30)):
@@ -75,7 +75,7 @@ def test_bad_dataset_folders_get_clear_messages(tmp_path, setup, message):
 
 
 def test_cli_bad_data_is_one_line_without_traceback(tmp_path):
-    res = run_cli("train", "--data", tmp_path / "nope", "--image-size", 64)
+    res = cli_in_process("train", "--data", tmp_path / "nope", "--image-size", 64)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert "data folder not found" in res.stderr

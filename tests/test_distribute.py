@@ -38,7 +38,7 @@ one_step = max(float(np.abs(a - b).max()) for a, b in zip(stepped(contextlib.nul
                                                          stepped(make_strategy("mirrored").scope())))
 lines, out = [], {}
 for kind in ("none", "mirrored"):
-    cfg = TrainConfig(data=sys.argv[1], kernel=4, image_size=64, batch_size=16, max_epochs=6, patience=6, seed=0,
+    cfg = TrainConfig(data=sys.argv[1], kernel=4, image_size=64, batch_size=16, max_epochs=4, patience=4, seed=0,
                       dropout=0.0, flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0,
                       distribute=kind)
     out[kind] = train(cfg, run_dir=sys.argv[2] + "/" + kind, verbose=0, log=lines.append)
@@ -58,9 +58,10 @@ def test_mirrored_over_two_cpu_devices_learns_like_one_device(synth_dir, tmp_pat
     one, two = got["runs"]["none"], got["runs"]["mirrored"]
     chance = 1.0 / NUM_CLASSES
     assert got["one_step"] < 1e-6  # the global batch: one mirrored step is the one-device step
-    assert two["epochs_run"] == one["epochs_run"] == 6 and got["again"] == 6
+    assert two["epochs_run"] == one["epochs_run"] == 4 and got["again"] == 4
     assert any("already complete" in ln for ln in got["lines"])
-    # later steps drift apart by float rounding (summing on one device), so the runs are held to a band
+    # later steps drift apart by float rounding (summing on one device), so the runs are held to a
+    # band (four epochs at 64 px: 47% on one device, 52% mirrored; chance 25%)
     assert one["best_val_accuracy"] > chance + 0.15 and two["best_val_accuracy"] > chance + 0.15, (one, two)
     assert abs(one["best_val_accuracy"] - two["best_val_accuracy"]) <= 0.25, (one, two)
     assert json.loads((tmp_path / "mirrored" / "summary.json").read_text())["config"]["distribute"] == "mirrored"

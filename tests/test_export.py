@@ -8,7 +8,7 @@ import pytest
 
 from explicam.export.onnx import build_onnx
 from explicam.export.parity import compare, failures, gradcam_from_onnx_outputs, keras_tutorial_gradcam, minmax
-from tests.conftest import SIZE, quiet, run_cli
+from tests.conftest import SIZE, cli_in_process, quiet, run_cli
 from explicam.train.model import build_model
 
 
@@ -208,7 +208,7 @@ def test_bad_export_input_gets_one_line(tmp_path, setup, args, message):
         x = keras.layers.Conv2D(4, 3, name="conv4")(inp)
         x = keras.layers.Activation("softsign", name="soft")(x)   # Softsign: no rule (Resize has one now)
         keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x))).save(tmp_path / "upsample.keras")
-    res = run_cli("export", *[a.format(tmp=tmp_path) for a in args])
+    res = cli_in_process("export", *[a.format(tmp=tmp_path) for a in args])
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert message in res.stderr, res.stderr[-1500:]

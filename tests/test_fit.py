@@ -10,7 +10,7 @@ import time
 import cv2
 import pytest
 
-from tests.conftest import NUM_CLASSES, ROOT, SIZE, quiet, run_cli
+from tests.conftest import NUM_CLASSES, ROOT, SIZE, cli_in_process, quiet, run_cli
 
 
 def test_run_folder_holds_model_history_curves_summary(trained_run):
@@ -84,7 +84,7 @@ def test_sigkill_then_same_command_resumes(synth_dir, tmp_path):
     assert summary["epochs_run"] == 6
     assert not [p for p in os.listdir(run) if "partial" in p]
 
-    again = run_cli(*args)  # a finished run is recognised, not retrained
+    again = cli_in_process(*args)  # a finished run is recognised, not retrained
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
@@ -104,6 +104,6 @@ def test_seed_makes_a_run_repeatable(synth_dir, tmp_path):
 
 def test_other_settings_in_an_existing_run_folder_are_refused(trained_run):
     run, summary = trained_run
-    res = run_cli("train", "--data", summary["data"], "--kernel", 8, "--image-size", SIZE, "--run-dir", run)
+    res = cli_in_process("train", "--data", summary["data"], "--kernel", 8, "--image-size", SIZE, "--run-dir", run)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "other settings" in res.stderr or "finished run" in res.stderr

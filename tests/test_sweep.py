@@ -10,13 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
 
-def _sweep(synth_dir, root, kernels):
-    res = run_cli("sweep", "--data", synth_dir, "--kernels", kernels, "--image-size", 64, "--max-epochs", 1,
+def _sweep(synth_dir, root, kernels, run=run_cli):
+    res = run("sweep", "--data", synth_dir, "--kernels", kernels, "--image-size", 64, "--max-epochs", 1,
                   "--batch-size", 32, "--seed", 0, "--methods", "gradcam,gradcam++", "--limit", 12,
                   "--steps", 4, "--sanity-images", 0, "--runs-dir", root / "runs", "--out", root / "report")
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
@@ -47,7 +47,7 @@ def test_restart_skips_finished_kernels(swept):
 def test_third_run_does_no_work(swept, synth_dir):
     root = swept[0]
     stamp = {k: os.path.getmtime(root / "runs" / f"k{k}" / "model.keras") for k in (2, 4)}
-    out = _sweep(synth_dir, root, "2,4")
+    out = _sweep(synth_dir, root, "2,4", cli_in_process)   # nothing to train: no second TensorFlow start
     assert out.count("training complete, reused") == 2 and out.count("evaluation up to date, reused") == 2
     assert stamp == {k: os.path.getmtime(root / "runs" / f"k{k}" / "model.keras") for k in (2, 4)}
 
@@ -72,7 +72,7 @@ def test_report_contents(swept):
 
 def test_mismatched_run_folder_is_refused_before_any_work(swept, synth_dir):
     root = swept[0]
-    res = run_cli("sweep", "--data", synth_dir, "--kernels", "4", "--image-size", 96, "--max-epochs", 1,
+    res = cli_in_process("sweep", "--data", synth_dir, "--kernels", "4", "--image-size", 96, "--max-epochs", 1,
                   "--runs-dir", root / "runs", "--out", root / "other", "--sanity-images", 0)
     assert res.returncode != 0 and "--runs-dir" in res.stderr and "Traceback" not in res.stderr
     assert not (root / "other").exists()

@@ -4,14 +4,14 @@ import re
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
-def _sweep(synth_dir, root, *extra):
-    res = run_cli("sweep", "--data", synth_dir, "--kernels", "2", "--seeds", 2, "--image-sizes", "32,64",
+def _sweep(synth_dir, root, run=run_cli):
+    res = run("sweep", "--data", synth_dir, "--kernels", "2", "--seeds", 2, "--image-sizes", "32,64",
                   "--max-epochs", 1, "--batch-size", 32, "--methods", "gradcam", "--limit", 8, "--steps", 2,
                   "--sanity-images", 0, "--effective-images", 0, "--runs-dir", root / "runs",
-                  "--out", root / "report", *extra)
+                  "--out", root / "report")
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
     return res.stdout + res.stderr
 
@@ -19,7 +19,7 @@ def _sweep(synth_dir, root, *extra):
 @pytest.fixture(scope="module")
 def swept(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
-    return root, _sweep(synth_dir, root), _sweep(synth_dir, root)
+    return root, _sweep(synth_dir, root), _sweep(synth_dir, root, cli_in_process)   # the second reuses all
 
 
 def test_one_folder_per_seed_and_size(swept):
