@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import cli_in_process, run_cli
+from tests.conftest import cli_in_process
 
 
 def _meta(path):
@@ -17,7 +17,7 @@ def _meta(path):
 
 def _export(tmp_path, model_file, *extra, name="model"):
     out = tmp_path / name / "model.onnx"
-    res = run_cli("export", "--model", model_file, "--out", out, *extra)
+    res = cli_in_process("export", "--model", model_file, "--out", out, *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "self-check with onnxruntime" in res.stdout and out.is_file()
     return out, res.stdout

@@ -111,7 +111,7 @@ def test_a_grayscale_model(tmp_path):
 
     net = _torch_net(channels=1, seed=2)
     src = _to_onnx(net, tmp_path / "grey.onnx", (1, 1, 64, 64))
-    bad = run_cli("export", "--model", src, "--out", tmp_path / "x" / "model.onnx")
+    bad = cli_in_process("export", "--model", src, "--out", tmp_path / "x" / "model.onnx")
     assert bad.returncode != 0 and "--channels gray" in bad.stderr
     path, _ = _export(tmp_path, src, "--channels", "gray")
     photo = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)

@@ -1,5 +1,5 @@
 """`cli.py bench`: one table, every row measured beside the plain forward pass."""
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
 def test_bench_writes_a_table_with_ratios(onnx_model, tmp_path):
@@ -21,7 +21,7 @@ def test_bench_writes_a_table_with_ratios(onnx_model, tmp_path):
 
 
 def test_bench_refuses_bad_batches(onnx_model):
-    res = run_cli("bench", "--model", onnx_model, "--batches", "one")
+    res = cli_in_process("bench", "--model", onnx_model, "--batches", "one")
     assert res.returncode != 0 and "Traceback" not in res.stderr and "--batches" in res.stderr
 
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_in_process, run_cli
 
 
 def test_console_script_is_the_same_click_group():
@@ -38,5 +38,5 @@ def test_dataset_synth_command_writes_the_layout(tmp_path):
 def test_bad_option_values_are_one_line_errors(tmp_path):
     res = run_cli("dataset", "synth", "--out", tmp_path / "x", "--habitat-bias", 1.5)
     assert res.returncode != 0 and "Traceback" not in res.stderr and "habitat_bias" in res.stderr
-    res = run_cli("train", "--data", tmp_path, "--image-size", 100)
+    res = cli_in_process("train", "--data", tmp_path, "--image-size", 100)
     assert res.returncode != 0 and "Traceback" not in res.stderr

@@ -5,7 +5,7 @@ from PIL import Image
 
 from explicam.runtime.images import ImageError, read_image
 from explicam.train.data import DataError, find_dataset, load_images
-from tests.conftest import cli_in_process, run_cli
+from tests.conftest import cli_in_process
 
 
 def _jpg(path, colour=(200, 30, 30), size=(40, 30)):

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import NUM_CLASSES, ROOT, SIZE, quiet, run_cli
+from tests.conftest import NUM_CLASSES, ROOT, SIZE, cli_in_process, quiet, run_cli
 from tests.test_isolation import BLOCK
 
 METHODS = "gradcam,gradcam++,ablationcam"
@@ -144,8 +144,8 @@ def test_boxes_csv_and_habitat_split(onnx_model, tmp_path):
 
 
 def test_clear_errors(onnx_model, synth_dir):
-    res = run_cli("evaluate", "--model", onnx_model, "--data", synth_dir, "--methods", "cam", "--limit", 2,
-                  "--sanity-images", 0)
+    res = cli_in_process("evaluate", "--model", onnx_model, "--data", synth_dir, "--methods", "cam", "--limit", 2,
+                         "--sanity-images", 0)
     assert res.returncode != 0 and "gap" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("evaluate", "--model", onnx_model, "--data", synth_dir, "--methods", "nope", "--sanity-images", 0)
+    res = cli_in_process("evaluate", "--model", onnx_model, "--data", synth_dir, "--methods", "nope", "--sanity-images", 0)
     assert res.returncode != 0 and "unknown method" in res.stderr and "Traceback" not in res.stderr

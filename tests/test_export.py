@@ -8,7 +8,7 @@ import pytest
 
 from explicam.export.onnx import build_onnx
 from explicam.export.parity import compare, failures, gradcam_from_onnx_outputs, keras_tutorial_gradcam, minmax
-from tests.conftest import SIZE, cli_in_process, quiet, run_cli
+from tests.conftest import SIZE, cli_in_process, quiet
 from explicam.train.model import build_model
 
 
@@ -163,7 +163,7 @@ def test_other_feature_layer_with_conv_in_the_head():
 def test_export_cli_writes_files_and_reports_parity(trained_run, tmp_path):
     run, _ = trained_run
     out = tmp_path / "m" / "model.onnx"
-    res = run_cli("export", "--run-dir", run, "--out", out, "--samples", 2)
+    res = cli_in_process("export", "--run-dir", run, "--out", out, "--samples", 2)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "parity on 2 validation images" in res.stdout and "grads_rel" in res.stdout
     assert out.is_file() and (tmp_path / "m" / "model.head.onnx").is_file()

@@ -10,7 +10,7 @@ import time
 import cv2
 import pytest
 
-from tests.conftest import NUM_CLASSES, ROOT, SIZE, cli_in_process, quiet, run_cli
+from tests.conftest import NUM_CLASSES, ROOT, SIZE, cli_in_process, quiet
 
 
 def test_run_folder_holds_model_history_curves_summary(trained_run):
@@ -75,7 +75,7 @@ def test_sigkill_then_same_command_resumes(synth_dir, tmp_path):
     assert 2 <= killed_at < 6
     assert not (run / "summary.json").exists()
 
-    res = run_cli(*args)
+    res = cli_in_process(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resuming {run} after epoch {killed_at}" in res.stdout
     rows = list(csv.DictReader(open(run / "history.csv")))

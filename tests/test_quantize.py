@@ -11,7 +11,7 @@ import pytest
 from explicam.export.onnx import ExportError
 from explicam.export.parity import gradcam_from_onnx_outputs
 from explicam.export.quantize import quantize_model
-from tests.conftest import NUM_CLASSES, SIZE, quiet, run_cli
+from tests.conftest import NUM_CLASSES, SIZE, cli_in_process, quiet
 
 FILTERS = [16, 32, 64, 128, 256]
 
@@ -133,7 +133,7 @@ def test_printed_table(quantized):
 def test_cli_export_int8_prints_the_table(trained_run, tmp_path):
     run, _ = trained_run
     out = tmp_path / "m" / "model.onnx"
-    res = run_cli("export", "--run-dir", run, "--out", out, "--int8", "--samples", 2)
+    res = cli_in_process("export", "--run-dir", run, "--out", out, "--int8", "--samples", 2)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "top-1 accuracy" in res.stdout and "latency, batch 1" in res.stdout and "Pearson" in res.stdout
     assert (tmp_path / "m" / "model.int8.onnx").is_file()

@@ -20,7 +20,7 @@ from explicam.runtime.video.mjpeg import MjpegServer
 from explicam.runtime.video.sinks import VideoFileSink
 from explicam.runtime.video import StreamConfig, explain_stream, run_stream
 from explicam.runtime.video.bench import bench_video
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_in_process, run_cli
 
 
 def write_clip(path, frames, size=(160, 120), fps=10.0):
@@ -340,7 +340,7 @@ def test_cli_bench_video_prints_the_ratio_and_refuses_zero_rounds(onnx_model):
     values = dict(line.split(None, 1) for line in res.stdout.splitlines() if line.strip() and " " in line.strip())
     assert values["frames"].strip() == "12" and values["rounds"].strip() == "2"
     assert len(values["loop_vs_forward_per_round"].split()) == 2 and float(values["loop_vs_forward"]) > 0
-    bad = run_cli("bench", "--video", "--model", onnx_model, "--rounds", "0")
+    bad = cli_in_process("bench", "--video", "--model", onnx_model, "--rounds", "0")
     assert bad.returncode != 0 and "--rounds" in bad.stderr and "Traceback" not in bad.stderr
 
 
