@@ -25,10 +25,11 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
 
 
 def cli_in_process(*args):
-    """`python cli.py ARGS` run in this process, for the commands that stop early with a
-    one-line error: no second Python and TensorFlow start (8-10 s a call on a 2-core CI).
-    A user error comes back as run_cli's would (returncode, stdout, stderr); any other
-    exception is raised into the test rather than printed as a traceback."""
+    """`python cli.py ARGS` run in this process, for the calls that need no process of their
+    own (an early one-line error, an export, a resume that no signal interrupts): no second
+    Python and TensorFlow start (8-10 s a call on a 2-core CI). The result reads as
+    run_cli's (returncode, stdout, stderr); an exception the command does not turn into its
+    one-line error is raised into the test rather than printed as a traceback."""
     from types import SimpleNamespace
 
     from click.testing import CliRunner

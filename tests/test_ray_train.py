@@ -43,7 +43,7 @@ def _val_accuracy(model_path, data):
 def test_two_workers_train_and_a_killed_one_costs_a_restart_that_resumes(ray_address, synth_dir, tmp_path):  # noqa: F811
     # one run (two on a 2-core CI are 70 s each): two workers train, rank 1 dies once, the group
     # restarts and resumes, and the chief's run is what a clean run writes
-    run, marker = tmp_path / "k2", tmp_path / "crashed"
+    run, marker = tmp_path / "k4", tmp_path / "crashed"
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "explicam-worker*")))
     # rank 1 exits (os._exit) once, as soon as the chief has written its first epoch's checkpoint
     res = run_cli("train", "--data", synth_dir, "--run-dir", run, "--max-epochs", 4, "--ray", ray_address, *ARGS,
