@@ -4,7 +4,8 @@ the figures to read: they survive a change of machine.
 
 Rows: the plain onnxruntime forward pass (the graph pruned to logits and
 probabilities), every CAM method with the numba and the numpy kernels, the INT8 model
-where model.int8.onnx exists, and any baselines the caller passes (the command adds the
+where model.int8.onnx exists, beside a user's original ONNX file that file's call and each
+method again from the file's own preprocessed input, and any baselines the caller passes (the command adds the
 keras.io Grad-CAM tutorial, tf.GradientTape, where TensorFlow and model.keras are there:
 the runtime itself never imports TensorFlow).
 """
@@ -27,6 +28,10 @@ RISE_MASKS = 64  # RISE is timed on this many masks (its cost is linear in them)
 # SmoothGrad and Integrated Gradients are timed on this many samples (their cost is linear in them);
 # "..., per sample" divides and compares with saliency (one forward and backward pass) in the same rounds
 GRAD_SAMPLES = 8
+# Beside a user's original ONNX file, each method is also timed from the preprocessed tensor that
+# the original's bare call is given (explain takes float input as preprocessed): its "x original"
+# then compares the method with the plain forward on one input, the photo's resize left out of both
+TENSOR_ROW = ", from the tensor"
 SAMPLE_OPTIONS = {"smoothgrad": "smoothgrad_samples", "integrated-gradients": "ig_steps"}
 
 
@@ -153,11 +158,11 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
         orig, photos = original_ms.get(batch), photos_ms.get(batch)
         if orig:
             rows[-1]["ratio_original"] = ms / orig
-        if photos:   # like for like: explain and the original file both start from the same uint8 photos
+        if photos and not name.endswith(TENSOR_ROW):   # like for like: both start from the same uint8 photos
             rows[-1]["ratio_photos"] = ms / photos
         log(f"  {name:24s} {kernels:6s} batch {batch:3d}: {ms:9.2f} ms/image  {ms / forward_ms:8.2f}x forward"
             + (f"  {ms / orig:8.2f}x original" if orig else "")
-            + (f"  {ms / photos:8.2f}x original from the photos" if photos else ""))
+            + (f"  {ms / photos:8.2f}x original from the photos" if "ratio_photos" in rows[-1] else ""))
 
     int8 = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.int8.onnx")
     q = Explainer(int8, threads=threads) if os.path.exists(int8) else None
@@ -181,6 +186,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
             for kernels, e in ex.items():
                 if method not in SLOW:
                     fast[(method, kernels)] = lambda e=e, m=method: e.explain(x_u8, m)
+            if original is not None and method not in SLOW:   # the bare call's own input: see TENSOR_ROW
+                fast[(method + TENSOR_ROW, "numba")] = lambda m=method: ex["numba"].explain(x, m)
         ms = _interleaved(fast, batch, min_seconds)
         fwd = ms[("forward (onnxruntime)", "-")]
         if original is not None:
@@ -250,7 +257,8 @@ def to_markdown(result: dict) -> str:
     lines += ["", f"Model: {s['model']} ({about}); plain forward: {s['plain_forward']}; onnxruntime: {s['onnxruntime']}"
               + (f"; Score-CAM: {s['scorecam']}" if "scorecam" in s else "")
               + ("; x original: against the plain forward of the ONNX file the export read, timed in the same "
-                 "rounds" if orig else "")
+                 f"rounds (rows '{TENSOR_ROW[2:]}': the method started from that call's own preprocessed input)"
+                 if orig else "")
               + ("; x original from the photos: against that file's call with its own preprocessing of the same "
                  "uint8 photos (resize, normalisation, layout) timed too, as every explanation row's is" if photos else "")
               + ".", f"Machine: {s['machine']}."]

@@ -132,7 +132,7 @@ def test_bench_times_the_original_file_and_pytorch_grad_cam_beside_the_methods(l
     assert "original ONNX file: " + str(path.parent.parent / "efficientnet_lite0.onnx") in res.stdout
     text = out.read_text()
     assert "| what | kernels | batch | ms / image | x forward | x original | x original from the photos |" in text
-    rows = {(r[0].strip(), int(r[2])): [float(v) for v in r[3:7]]
+    rows = {(r[0].strip(), int(r[2])): [float(v) if v.strip() else float("nan") for v in r[3:7]]
             for r in (line.split("|")[1:-1] for line in text.splitlines()[2:] if line.startswith("| "))}
     for batch in (1, 2):
         assert rows[("forward, original file", batch)][2] == 1.0
@@ -142,5 +142,9 @@ def test_bench_times_the_original_file_and_pytorch_grad_cam_beside_the_methods(l
         # each ratio is the row's time over its baseline's, both measured in the same rounds
         assert gradcam[2] == pytest.approx(gradcam[0] / rows[("forward, original file", batch)][0], rel=0.02, abs=0.01)
         assert gradcam[3] == pytest.approx(gradcam[0] / ms, rel=0.02, abs=0.01)
+        # the same method from the bare call's own input: against the bare call, and no photo ratio
+        tensor = rows[("gradcam, from the tensor", batch)]
+        assert tensor[2] == pytest.approx(tensor[0] / rows[("forward, original file", batch)][0], rel=0.02, abs=0.01)
+        assert np.isnan(tensor[3])
         if HAVE_GRADCAM:
             assert rows[("pytorch-grad-cam GradCAM (torch)", batch)][0] > 0
