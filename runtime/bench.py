@@ -5,9 +5,9 @@ the figures to read: they survive a change of machine.
 Rows: the plain onnxruntime forward pass (the graph pruned to logits and
 probabilities), every CAM method with the numba and the numpy kernels, the INT8 model
 where model.int8.onnx exists, beside a user's original ONNX file that file's call and each
-method again from the file's own preprocessed input, and any baselines the caller passes (the command adds the
-keras.io Grad-CAM tutorial, tf.GradientTape, where TensorFlow and model.keras are there:
-the runtime itself never imports TensorFlow).
+method again from the file's own preprocessed input, and any baselines the caller passes
+(the command adds the keras.io Grad-CAM tutorial, tf.GradientTape, where TensorFlow and
+model.keras are there: the runtime itself never imports TensorFlow).
 """
 from __future__ import annotations
 
