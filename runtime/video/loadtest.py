@@ -110,11 +110,14 @@ def run_load(viewers: int = 64, idle: int = 500, max_clients: int = 64, seconds:
             t1, cpu1 = time.monotonic(), time.process_time()
             encoded0, published0 = server.hub.encoded, server.hub.published
             probes = during(server) if during else None
+            # counted inside the window, not at its end: there the clients start swapping one
+            # held viewer for a fresh one, and the server may see the leaver before the newcomer
+            held_now = server.hub.viewers
             time.sleep(max(0.0, seconds - (time.monotonic() - t1)))
             t2 = time.monotonic()
             loaded_rate = producer.rate(t1, t2)
             cpu_loaded = (time.process_time() - cpu1) / (t2 - t1)
-            held_now, rss_load, threads_load = server.hub.viewers, rss_mb(), threading.active_count()
+            rss_load, threads_load = rss_mb(), threading.active_count()
             encoded, published = server.hub.encoded - encoded0, server.hub.published - published0
             report = json.loads(child.stdout.readline())
             child.wait(timeout=60)
