@@ -145,7 +145,7 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
     if images is None:  # a fixed set of structured images (smooth blobs): same inputs for every row
         base = rng.random((max(batches), 8, 8, 3))
         images = np.stack([np.asarray(__import__("cv2").resize(b, (in_w, in_h)) * 255, np.uint8) for b in base])
-    from explicam.runtime.methods_input import INPUT_GRAD_METHODS
+    from explicam.runtime.methods_input import INPUT_GRAD_METHODS, PIPELINE_PIXELS
 
     methods = [m for m in (methods or ex["numba"].methods) if not (m == "cam" and model.head_kind != "gap")
                and (model.has_input_grads or m not in INPUT_GRAD_METHODS)]
@@ -226,7 +226,10 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
     settings = {"model": model_path, "input_size": f"{in_h}x{in_w}", "kernel": model.kernel, "plain_forward": how,
                 "onnxruntime": "ORT_ENABLE_ALL, sequential, intra_op_num_threads="
                                f"{threads or os.cpu_count()}, inter_op 1, spinning inside a call only (force_spinning_stop), "
-                               f"{ex['numba'].batch_size} images per call",
+                               f"{ex['numba'].batch_size} images per call"
+                               + (f"; input gradients: {model.workers} one-thread pipelines of "
+                                  f"{max(1, PIPELINE_PIXELS // (in_h * in_w))} image(s) per call from two calls on"
+                                  if model.has_input_grads and model.workers > 1 else ""),
                 "machine": machine()}
     if original is not None:
         settings["original"] = original[0]

@@ -11,6 +11,8 @@ Per-pixel maps reduce the three colour channels as Simonyan et al. do: max_c |g_
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import cv2
 import numpy as np
 
@@ -28,6 +30,13 @@ IG_METHODS = ("trapezoid", "midpoint", "left", "right")
 # 224 px images per call they leave the cache (one thread, kernel-4 seed net: 15.7 ms per image at
 # 1 and 2 images per call, 18.0-18.4 at 4 to 16). Option `input_grads_batch`: images per call.
 INPUT_GRAD_PIXELS = 2 * 224 * 224
+# Two calls or more run as one-thread pipelines, one call per core at a time (run_calls), each call
+# this many pixels: a 224 px image. Against one session on both cores, in its best calls of 2, on
+# 2 cores (onnxruntime 1.32, 16 images, interleaved): the seed's kernel-4 saliency 7.7 against 9.1
+# ms per image, EfficientNet-Lite0's 11.0 against 11.9; in pipelines, calls of 2 were slower
+# (7.9, 12.4). A backward pass is a chain of many small, memory-bound ops, and two threads
+# splitting each one wait on each other at every op; one image per core does not.
+PIPELINE_PIXELS = 224 * 224
 
 
 def _option(a: CamInputs, name: str, defaults: dict):
@@ -35,15 +44,35 @@ def _option(a: CamInputs, name: str, defaults: dict):
     return defaults[name] if value is None else value
 
 
-def _call_size(hw, batch=None) -> int:
-    """Images per input-gradient call: `batch`, else as many as INPUT_GRAD_PIXELS hold."""
-    return max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(hw))))
+def _plan(model, images: int, hw, batch=None) -> tuple[int, int]:
+    """(images per call, pipelines) for `images` inputs of size hw: pipelines > 1 where the model
+    may use several threads and the inputs make two calls of PIPELINE_PIXELS or more."""
+    pipelined = max(1, int(batch or PIPELINE_PIXELS // int(np.prod(hw))))
+    workers = int(getattr(model, "workers", 1))
+    if workers > 1 and images > pipelined:
+        return pipelined, min(workers, -(-images // pipelined))
+    return max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(hw)))), 1
+
+
+def run_calls(model, calls: list, pipelines: int = 1, guided: bool = False) -> list:
+    """OnnxModel.input_gradients of each (x, targets) of `calls`, in order; pipelines > 1: in
+    that many threads over a one-thread session (shared: onnxruntime's run is thread-safe)."""
+    if pipelines < 2 or len(calls) < 2:
+        return [model.input_gradients(x, t, guided) for x, t in calls]
+    model.input_grads_session(guided, threads=1)   # opened here, not by two threads at once
+    pool, size = getattr(model, "_grad_pool", (None, 0))
+    if size < pipelines:
+        pool = ThreadPoolExecutor(pipelines, thread_name_prefix="explicam-grads")
+        model._grad_pool = (pool, pipelines)
+    return list(pool.map(lambda c: model.input_gradients(c[0], c[1], guided, threads=1), calls))
 
 
 def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=None) -> dict:
-    """OnnxModel.input_gradients over many images, a few per call (INPUT_GRAD_PIXELS, or `batch`)."""
-    batch = _call_size(x.shape[1:3], batch)
-    parts = [model.input_gradients(x[s:s + batch], targets[s:s + batch], guided) for s in range(0, len(x), batch)]
+    """OnnxModel.input_gradients over many images, a few per call (_plan), in pipelines where
+    there are two calls or more."""
+    size, pipes = _plan(model, len(x), x.shape[1:3], batch)
+    targets = np.asarray(targets)
+    parts = run_calls(model, [(x[s:s + size], targets[s:s + size]) for s in range(0, len(x), size)], pipes, guided)
     if len(parts) == 1:   # one call (a frame, a few images): its arrays as they came, no copy
         return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -63,21 +92,25 @@ def _gradients(a: CamInputs, method: str, x: np.ndarray, targets, guided: bool =
 
 
 def _sample_calls(a: CamInputs, method: str, samples: int, target: int, fill, use):
-    """One image's `samples` inputs through the input-gradient file, a call at a time
-    (_call_size images each, as input_gradients makes): fill(buf, s, e) writes samples s..e-1 into buf, use(g, logits,
-    s, e) takes their gradients and logits. One call's arrays at a time, not all of an image's
-    samples at once: with the default 50 at 224 px, numpy's peak per image fell from 61 MB to
-    4 (SmoothGrad) and from 66 to 6 (IG; tracemalloc, EfficientNet-Lite0), what an edge board
-    feels; the time per sample did not change (interleaved against the old code, 4 images)."""
+    """One image's `samples` inputs through the input-gradient file, a round of calls at a time
+    (_plan: in pipelines, a call per thread): fill(buf, s, e) writes samples s..e-1 into buf,
+    use(g, logits, s, e) takes each call's gradients and logits, in sample order. One round's
+    arrays at a time, not all of an image's samples at once: with the default 50 at 224 px,
+    numpy's peak per image fell from 61 MB to 4 (SmoothGrad) and from 66 to 6 (IG; tracemalloc,
+    EfficientNet-Lite0), what an edge board feels; the time per sample did not change
+    (interleaved against the old code, 4 images)."""
     _needs_input_grads(a, method)
-    batch = _call_size(a.inputs.shape[1:3], a.options.get("input_grads_batch"))
-    buf = np.empty((min(batch, samples), *a.inputs.shape[1:]), np.float32)
-    targets = np.full(len(buf), target, np.int64)
-    for s in range(0, samples, batch):
-        e = min(s + batch, samples)
+    batch, pipes = _plan(a.model, samples, a.inputs.shape[1:3], a.options.get("input_grads_batch"))
+    round_ = batch * pipes
+    buf = np.empty((min(round_, samples), *a.inputs.shape[1:]), np.float32)
+    targets = np.full(batch, target, np.int64)
+    for s in range(0, samples, round_):
+        e = min(s + round_, samples)
         fill(buf[:e - s], s, e)
-        out = a.model.input_gradients(buf[:e - s], targets[:e - s])
-        use(out["input_grads"], out["logits"], s, e)
+        starts = range(s, e, batch)
+        calls = [(buf[k - s:min(k + batch, e) - s], targets[:min(k + batch, e) - k]) for k in starts]
+        for k, out in zip(starts, run_calls(a.model, calls, pipes)):
+            use(out["input_grads"], out["logits"], k, min(k + batch, e))
 
 
 @register("saliency")

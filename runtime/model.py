@@ -94,7 +94,7 @@ class OnnxModel:
         # mean_ij d logits[class] / d features where that is constant: (classes, C) rows, each read once
         self._rows, self._have_rows = None, None
         self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
-        self._input_grads = {}  # the sessions of model.inputgrads.onnx and model.guidedgrads.onnx, opened on first use
+        self._input_grads = {}  # {(file key, threads): session of model.inputgrads.onnx / model.guidedgrads.onnx}, on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
         self._forward_features = False  # that session outputs `features` (older exports' do not)
         self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
@@ -119,24 +119,19 @@ class OnnxModel:
         """True when the export wrote model.inputgrads.onnx (export --input-grads)."""
         return bool(self.meta.get("input_grads_file"))
 
-    def input_gradients(self, x: np.ndarray, targets, guided: bool = False) -> dict:
+    @property
+    def workers(self) -> int:
+        """Threads this model may use: its `threads`, else the machine's cores."""
+        return max(1, int(self.threads or os.cpu_count() or 1))
+
+    def input_gradients(self, x: np.ndarray, targets, guided: bool = False, threads: int | None = None) -> dict:
         """{"input_grads": d logits[target] / d image (N, H, W, 3), "logits", "probabilities",
         "target_used"} from model.inputgrads.onnx for preprocessed images (guided: guided
         backpropagation's, from model.guidedgrads.onnx; an export from before 2026-12 has one
-        file with a `guided` switch input)."""
-        key = "guided_grads_file" if guided and self.meta.get("guided_grads_file") else "input_grads_file"
-        if key not in self._input_grads:
-            name = self.meta.get(key)
-            if not name:
-                raise ModelError(f"{self.path}: no input gradients in this export; re-export it with --input-grads")
-            session = self._side_file(name)
-            if session is None:
-                raise ModelError(f"{os.path.join(os.path.dirname(os.path.abspath(self.path)), name)}: missing or from "
-                                 f"another export than {os.path.basename(self.path)}; copy the files of one export "
-                                 "together, or re-export with --input-grads")
-            inputs = [*session.get_inputs(), *session.get_overridable_initializers()]   # (guided had a default)
-            self._input_grads[key] = (session, any(i.name == "guided" for i in inputs))
-        session, switched = self._input_grads[key]
+        file with a `guided` switch input). threads: the session's intra-op threads (None: the
+        model's); 1 for the one-thread pipelines of runtime/methods_input.py, which call this
+        from several threads at once (onnxruntime's run is thread-safe)."""
+        key, (session, switched) = self.input_grads_session(guided, threads)
         feeds = {self.input_name: np.ascontiguousarray(x, np.float32), "target": np.asarray(targets, np.int64)}
         if switched:   # the one-file export of before
             feeds["guided"] = np.array([bool(guided)])
@@ -144,6 +139,22 @@ class OnnxModel:
             raise ModelError(f"{self.path}: this export has no guided backpropagation file; re-export it with --input-grads")
         names = ["input_grads", "logits", "probabilities", "target_used"]
         return dict(zip(names, session.run(names, feeds)))
+
+    def input_grads_session(self, guided: bool = False, threads: int | None = None):
+        """(file key, (session, has the old `guided` switch input)), the session opened on first use."""
+        key = "guided_grads_file" if guided and self.meta.get("guided_grads_file") else "input_grads_file"
+        if (key, threads) not in self._input_grads:
+            name = self.meta.get(key)
+            if not name:
+                raise ModelError(f"{self.path}: no input gradients in this export; re-export it with --input-grads")
+            session = self._side_file(name, threads)
+            if session is None:
+                raise ModelError(f"{os.path.join(os.path.dirname(os.path.abspath(self.path)), name)}: missing or from "
+                                 f"another export than {os.path.basename(self.path)}; copy the files of one export "
+                                 "together, or re-export with --input-grads")
+            inputs = [*session.get_inputs(), *session.get_overridable_initializers()]   # (guided had a default)
+            self._input_grads[key, threads] = (session, any(i.name == "guided" for i in inputs))
+        return key, self._input_grads[key, threads]
 
     def preprocess(self, images) -> np.ndarray:
         """RGB uint8 image(s) of any size -> (N, H, W, 3) float32 in the model's value range.

@@ -339,19 +339,45 @@ def test_bench_times_the_per_sample_rows_apart_on_a_few_images(torch_ig, monkeyp
 
 
 def test_smoothgrad_and_ig_hold_one_calls_samples_at_a_time(torch_ig):
-    """An image's samples go through the gradient file a call at a time: numpy's peak stays
-    under what all 40 noisy copies of the image would take (the code before held them, their
-    gradients and a float64 copy: several times that), and the maps equal the one-call run's."""
+    """An image's samples go through the gradient file a round of calls at a time (one call per
+    pipeline): numpy's peak stays under what all 40 noisy copies of the image would take (the
+    code before held them, their gradients and a float64 copy: several times that), and the
+    maps equal the run's in calls of as many samples as the pixel budget takes."""
     import tracemalloc
 
     ex = _explainer(torch_ig[1])
     img = _u8(_images(1, 8))
     one_copy = _images(1).nbytes
     for method, kw in (("smoothgrad", {"smoothgrad_samples": 40}), ("integrated-gradients", {"ig_steps": 40})):
-        whole = ex.explain(img, method, target=1, **kw)   # 40 x 40x48 px: one call of all the samples
+        whole = ex.explain(img, method, target=1, **kw)   # 40 x 40x48 px: calls of 26 (PIPELINE_PIXELS)
         tracemalloc.start()
-        calls = ex.explain(img, method, target=1, input_grads_batch=4, **kw)   # ten calls of 4
+        calls = ex.explain(img, method, target=1, input_grads_batch=2, **kw)   # twenty calls of 2
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 40 * one_copy / 2, (method, peak, one_copy)
         np.testing.assert_allclose(calls.cams, whole.cams, rtol=1e-5, atol=1e-6 * float(np.abs(whole.cams).max()))
+
+
+def test_pipelines_give_what_one_session_gives(torch_ig):
+    """Calls of an input-gradient batch run as one-thread pipelines on a session of their own
+    where the explainer may use two threads or more; every method's maps, logits and targets
+    equal those of a one-thread explainer that runs the same calls one after another."""
+    import threading
+
+    x = _u8(_images(5, 3))
+    piped, alone = _explainer_with(torch_ig[1], threads=2), _explainer_with(torch_ig[1], threads=1)
+    seen = set()
+    real = piped.model.input_gradients
+
+    def spy(*args, **kw):
+        seen.add((threading.get_ident(), kw.get("threads")))
+        return real(*args, **kw)
+
+    piped.model.input_gradients = spy
+    for method, kw in (("saliency", {}), ("smoothgrad", {"smoothgrad_samples": 6}), ("integrated-gradients", {"ig_steps": 6}),
+                       ("guided-gradcam", {})):
+        a = piped.explain(x, method, target=[0, 1, 2, 1, 0], input_grads_batch=1, **kw)
+        b = alone.explain(x, method, target=[0, 1, 2, 1, 0], input_grads_batch=1, **kw)
+        np.testing.assert_allclose(a.cams, b.cams, rtol=1e-5, atol=1e-6 * float(np.abs(b.cams).max()), err_msg=method)
+        np.testing.assert_array_equal(a.targets, b.targets)
+    assert {t for _, t in seen} == {1} and threading.get_ident() not in {i for i, _ in seen}
