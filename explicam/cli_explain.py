@@ -242,13 +242,13 @@ def stream_summary(res) -> str:
 
 
 # ---------------------------------------------------------------------------- bench
-def parse_counts(text: str) -> tuple:
+def parse_counts(text: str, hint: str = "--ray-actors") -> tuple:
     try:
         counts = tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         counts = ()
     if not counts or min(counts) < 1:
-        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}", param_hint="--ray-actors")
+        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}", param_hint=hint)
     return counts
 
 
@@ -272,13 +272,27 @@ def parse_counts(text: str) -> tuple:
               help="Images/s of bulk explanation through Ray Data vs the one-machine explain, on --images "
                    "(all of them; the first method of --methods, default gradcam).")
 @click.option("--ray-actors", default="1,2", show_default=True, help="--ray: actor counts to time (1 CPU each).")
+@click.option("--profile", is_flag=True,
+              help="Where one onnxruntime call's time goes, per op type, for each graph of the export (at the "
+                   "first of --batches, on --threads).")
 @friendly
 def bench(model_path, methods, batches, threads, seconds, images_dir, out, original, video, frames, rounds,
-          ray_address=None, ray_actors="1,2"):
+          ray_address=None, ray_actors="1,2", profile=False):
     """Milliseconds per image of every method vs the plain forward pass, in one run."""
     from explicam.runtime.model import newest_model
 
     model_path = model_path or newest_model()
+    if profile:   # runtime/op_profile.py
+        from explicam.runtime.op_profile import profile_export, to_markdown as profile_table
+
+        batch = parse_counts(batches, "--batches")[0]
+        table = profile_table(profile_export(model_path, batch, threads), batch, threads)
+        click.echo(table)
+        if out:
+            with open(out + ".partial", "w") as f:
+                f.write(table + "\n")
+            os.replace(out + ".partial", out)
+        return
     if ray_address is not None:  # cluster/bench.py
         from explicam.cluster.bench import bench_ray, summary_lines
         from explicam.runtime.images import list_images

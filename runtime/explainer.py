@@ -211,7 +211,8 @@ class Explainer:
         """logits, probabilities, target_used (and the targets' input gradients when `gradients`)
         without the main graph: one pass of model.inputgrads.onnx, or of the plain classifier."""
         if gradients:
-            return input_gradients(self.model, x, targets, batch=opts.get("input_grads_batch"))
+            return input_gradients(self.model, x, targets, batch=opts.get("input_grads_batch"),
+                                   pipelines=opts.get("input_grads_pipelines"))
         forward = self.model.forward_session()
         if forward is None:
             return self.model.run(x, targets, ["logits", "probabilities", "target_used"])

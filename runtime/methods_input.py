@@ -35,7 +35,8 @@ INPUT_GRAD_PIXELS = 2 * 224 * 224
 # 2 cores (onnxruntime 1.32, 16 images, interleaved): the seed's kernel-4 saliency 7.7 against 9.1
 # ms per image, EfficientNet-Lite0's 11.0 against 11.9; in pipelines, calls of 2 were slower
 # (7.9, 12.4). A backward pass is a chain of many small, memory-bound ops, and two threads
-# splitting each one wait on each other at every op; one image per core does not.
+# splitting each one wait on each other at every op; one image per core does not. Option
+# `input_grads_pipelines`: how many (1: every call on the model's one session, as before 2026-12-04).
 PIPELINE_PIXELS = 224 * 224
 
 
@@ -44,11 +45,14 @@ def _option(a: CamInputs, name: str, defaults: dict):
     return defaults[name] if value is None else value
 
 
-def _plan(model, images: int, hw, batch=None) -> tuple[int, int]:
+def _plan(model, images: int, hw, batch=None, pipelines=None) -> tuple[int, int]:
     """(images per call, pipelines) for `images` inputs of size hw: pipelines > 1 where the model
-    may use several threads and the inputs make two calls of PIPELINE_PIXELS or more."""
+    may use several threads (or `pipelines` says how many) and the inputs make two calls of
+    PIPELINE_PIXELS or more."""
     pipelined = max(1, int(batch or PIPELINE_PIXELS // int(np.prod(hw))))
-    workers = int(getattr(model, "workers", 1))
+    workers = int(pipelines) if pipelines is not None else int(getattr(model, "workers", 1))
+    if workers < 1:
+        raise ValueError(f"input_grads_pipelines must be >= 1, got {pipelines}")
     if workers > 1 and images > pipelined:
         return pipelined, min(workers, -(-images // pipelined))
     return max(1, int(batch or INPUT_GRAD_PIXELS // int(np.prod(hw)))), 1
@@ -67,10 +71,10 @@ def run_calls(model, calls: list, pipelines: int = 1, guided: bool = False) -> l
     return list(pool.map(lambda c: model.input_gradients(c[0], c[1], guided, threads=1), calls))
 
 
-def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=None) -> dict:
+def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=None, pipelines=None) -> dict:
     """OnnxModel.input_gradients over many images, a few per call (_plan), in pipelines where
     there are two calls or more."""
-    size, pipes = _plan(model, len(x), x.shape[1:3], batch)
+    size, pipes = _plan(model, len(x), x.shape[1:3], batch, pipelines)
     targets = np.asarray(targets)
     parts = run_calls(model, [(x[s:s + size], targets[s:s + size]) for s in range(0, len(x), size)], pipes, guided)
     if len(parts) == 1:   # one call (a frame, a few images): its arrays as they came, no copy
@@ -87,7 +91,8 @@ def _needs_input_grads(a: CamInputs, method: str):
 def _gradients(a: CamInputs, method: str, x: np.ndarray, targets, guided: bool = False) -> tuple:
     """(d logits[target] / d x (M, H, W, 3) float32, logits (M, classes))."""
     _needs_input_grads(a, method)
-    out = input_gradients(a.model, x, targets, guided, a.options.get("input_grads_batch"))
+    out = input_gradients(a.model, x, targets, guided, a.options.get("input_grads_batch"),
+                          a.options.get("input_grads_pipelines"))
     return out["input_grads"], out["logits"]
 
 
@@ -100,7 +105,8 @@ def _sample_calls(a: CamInputs, method: str, samples: int, target: int, fill, us
     EfficientNet-Lite0), what an edge board feels; the time per sample did not change
     (interleaved against the old code, 4 images)."""
     _needs_input_grads(a, method)
-    batch, pipes = _plan(a.model, samples, a.inputs.shape[1:3], a.options.get("input_grads_batch"))
+    batch, pipes = _plan(a.model, samples, a.inputs.shape[1:3], a.options.get("input_grads_batch"),
+                         a.options.get("input_grads_pipelines"))
     round_ = batch * pipes
     buf = np.empty((min(round_, samples), *a.inputs.shape[1:]), np.float32)
     targets = np.full(batch, target, np.int64)

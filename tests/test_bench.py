@@ -62,3 +62,26 @@ def test_interleaved_rounds_never_run_a_row_twice_in_a_row_and_vary_its_neighbou
         for y in "abcd":
             if x != y:
                 assert before[(x, y)] >= 10, (x, y, before)
+
+
+def test_bench_profile_counts_the_graphs_own_nodes(onnx_model, tmp_path):
+    """`bench --profile`: per op type, the nodes onnxruntime ran in each file of the export; the
+    forward file's Conv and MaxPool counts are the ONNX graph's own (the seed's five blocks;
+    onnxruntime fuses each ReLU into its Conv), and the op types' times add up to the total."""
+    import onnx
+
+    from explicam.runtime.op_profile import profile_export
+
+    results = {r["file"]: r for r in profile_export(str(onnx_model), batch=2, threads=1, calls=3)}
+    assert {"model.onnx", "model.forward.onnx"} <= set(results)
+    forward = results["model.forward.onnx"]
+    graph = onnx.load(str(onnx_model.parent / "model.forward.onnx")).graph
+    ops = {op: n for op, _, n in forward["ops"]}
+    for op in ("Conv", "MaxPool"):
+        assert ops[op] == sum(n.op_type == op for n in graph.node), (op, ops)
+    assert abs(sum(ms for _, ms, _ in forward["ops"]) - forward["kernel_ms"]) < 1e-9 and forward["call_ms"] > 0
+    out = tmp_path / "profile.md"
+    res = run_cli("bench", "--model", onnx_model, "--profile", "--batches", "1", "--threads", "1", "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = out.read_text()
+    assert "model.forward.onnx, the classifier alone:" in text and "| Conv |" in text and "1 thread(s)" in text

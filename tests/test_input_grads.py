@@ -323,12 +323,17 @@ def test_bench_times_the_per_sample_rows_apart_on_a_few_images(torch_ig, monkeyp
 
     def spy(self, images, method="gradcam", target=None, **kw):
         calls.append((method, len(images), kw.get("smoothgrad_samples", kw.get("ig_steps"))))
+        if kw.get("input_grads_pipelines"):
+            calls.append((method, len(images), "pipelines", kw["input_grads_pipelines"]))
         return explain(self, images, method, target, **kw)
 
     monkeypatch.setattr(Explainer, "explain", spy)
     res = bench.run_bench(str(torch_ig[1]), methods=["saliency", "smoothgrad", "integrated-gradients"],
-                          batches=(1, 6), min_seconds=0.01, log=lambda *_: None)
+                          batches=(1, 6), min_seconds=0.01, log=lambda *_: None, threads=2)
     rows = {(r["name"], r["batch"]): r for r in res["rows"]}
+    # saliency at batch 6 again on one session, beside the pipelines; at batch 1 there is one call either way
+    assert rows[(bench.ONE_SESSION, 6)]["ms_per_image"] > 0 and (bench.ONE_SESSION, 1) not in rows
+    assert ("saliency", 6, "pipelines", 1) in calls and "2 one-thread pipelines" in res["settings"]["onnxruntime"]
     for batch, n in ((1, 1), (6, bench.PER_SAMPLE_IMAGES)):
         for m in ("smoothgrad", "integrated-gradients"):
             r = rows[(f"{m}, per sample (x saliency)", batch)]
@@ -381,3 +386,10 @@ def test_pipelines_give_what_one_session_gives(torch_ig):
         np.testing.assert_allclose(a.cams, b.cams, rtol=1e-5, atol=1e-6 * float(np.abs(b.cams).max()), err_msg=method)
         np.testing.assert_array_equal(a.targets, b.targets)
     assert {t for _, t in seen} == {1} and threading.get_ident() not in {i for i, _ in seen}
+    seen.clear()   # input_grads_pipelines=1: every call on the explainer's own session, in this thread
+    one = piped.explain(x, "saliency", target=[0, 1, 2, 1, 0], input_grads_batch=1, input_grads_pipelines=1)
+    assert seen == {(threading.get_ident(), None)}
+    np.testing.assert_allclose(one.cams, alone.explain(x, "saliency", target=[0, 1, 2, 1, 0]).cams, rtol=1e-5,
+                               atol=1e-6 * max(1.0, float(np.abs(one.cams).max())))
+    with pytest.raises(ValueError, match="input_grads_pipelines"):
+        piped.explain(x, "saliency", input_grads_pipelines=0)
