@@ -288,10 +288,7 @@ def bench(model_path, methods, batches, threads, seconds, images_dir, out, origi
         batch = parse_counts(batches, "--batches")[0]
         table = profile_table(profile_export(model_path, batch, threads), batch, threads)
         click.echo(table)
-        if out:
-            with open(out + ".partial", "w") as f:
-                f.write(table + "\n")
-            os.replace(out + ".partial", out)
+        _write_table(out, table)
         return
     if ray_address is not None:  # cluster/bench.py
         from explicam.cluster.bench import bench_ray, summary_lines
@@ -338,6 +335,11 @@ def bench(model_path, methods, batches, threads, seconds, images_dir, out, origi
                        original=original_forward(model_path, original, threads, log=click.echo))
     table = to_markdown(result)
     click.echo("\n" + table)
+    _write_table(out, table)
+
+
+def _write_table(out, table: str) -> None:
+    """The Markdown table to `out` (if given), atomically: a crash leaves the old file or none."""
     if out:
         with open(out + ".partial", "w") as f:
             f.write(table + "\n")

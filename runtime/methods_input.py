@@ -11,8 +11,6 @@ Per-pixel maps reduce the three colour channels as Simonyan et al. do: max_c |g_
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import cv2
 import numpy as np
 
@@ -64,11 +62,7 @@ def run_calls(model, calls: list, pipelines: int = 1, guided: bool = False) -> l
     if pipelines < 2 or len(calls) < 2:
         return [model.input_gradients(x, t, guided) for x, t in calls]
     model.input_grads_session(guided, threads=1)   # opened here, not by two threads at once
-    pool, size = getattr(model, "_grad_pool", (None, 0))
-    if size < pipelines:
-        pool = ThreadPoolExecutor(pipelines, thread_name_prefix="explicam-grads")
-        model._grad_pool = (pool, pipelines)
-    return list(pool.map(lambda c: model.input_gradients(c[0], c[1], guided, threads=1), calls))
+    return list(model.pipeline_pool(pipelines).map(lambda c: model.input_gradients(c[0], c[1], guided, threads=1), calls))
 
 
 def input_gradients(model, x: np.ndarray, targets, guided: bool = False, batch=None, pipelines=None) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -95,6 +96,7 @@ class OnnxModel:
         self._rows, self._have_rows = None, None
         self._recipro = None  # model.recipro.onnx's session, opened on first use; False: none
         self._input_grads = {}  # {(file key, threads): session of model.inputgrads.onnx / model.guidedgrads.onnx}, on first use
+        self._pool = None  # (ThreadPoolExecutor, its size) of the input-gradient pipelines, on first use
         self._forward = None  # model.forward.onnx's session, opened on first use; False: none
         self._forward_features = False  # that session outputs `features` (older exports' do not)
         self._masked = None  # runtime.masked.MaskedForward over model.blocks.onnx; False: none
@@ -139,6 +141,14 @@ class OnnxModel:
             raise ModelError(f"{self.path}: this export has no guided backpropagation file; re-export it with --input-grads")
         names = ["input_grads", "logits", "probabilities", "target_used"]
         return dict(zip(names, session.run(names, feeds)))
+
+    def pipeline_pool(self, size: int) -> ThreadPoolExecutor:
+        """A pool of at least `size` threads for the input-gradient pipelines, made on first use."""
+        if self._pool is None or self._pool[1] < size:
+            if self._pool is not None:
+                self._pool[0].shutdown(wait=False)   # its threads end once their calls are done
+            self._pool = (ThreadPoolExecutor(size, thread_name_prefix="explicam-grads"), size)
+        return self._pool[0]
 
     def input_grads_session(self, guided: bool = False, threads: int | None = None):
         """(file key, (session, has the old `guided` switch input)), the session opened on first use."""
