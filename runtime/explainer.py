@@ -181,7 +181,8 @@ class Explainer:
         head_only = HEAD_GRAD_METHODS | (CONSTANT_WEIGHT_METHODS if self.model.constant_channel_grads else set())
         head_grad = all(m in head_only for m in methods) and self.layer is self.model.feature_layers[0] \
             and self.model.has_head_grads
-        step = max(self.batch_size, FEATURE_FREE_PIXELS // int(np.prod(self.input_hw))) if feature_free else self.batch_size
+        piped = feature_free and self.model.workers > 1   # one thread: no pipelines to fill, the usual chunks
+        step = max(self.batch_size, FEATURE_FREE_PIXELS // int(np.prod(self.input_hw))) if piped else self.batch_size
         for start in range(0, len(x), step):
             xb, tb = x[start:start + step], targets[start:start + step]
             out = self.model.forward_features(xb) if head_grad else None   # None: an older forward file
