@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import autodiff_extra, autodiff_more, autodiff_nn  # noqa: F401  (register the network ops' rules)
+from . import autodiff_extra, autodiff_more, autodiff_nn, autodiff_s2d  # noqa: F401  (register the network ops' rules)
 from .autodiff_rules import VJP, attr
 from .graph import (FLOAT_TYPES, Graph, GraphError, ancestors, constant_values, float_dependents,
                     prepare)
@@ -50,6 +50,7 @@ class Builder:
         self.count, self.cache = 0, {}
         self.rules, self.passthrough, self.wrts, self._consumers = None, set(), set(), None
         self.broadcasts = {}   # {g: (u, k, u's shape)}: g = u * constant k, a broadcast (see transpose)
+        self.s2d, self.s2d_images = {}, {}   # a first block's gradient in space-to-depth (autodiff_s2d)
 
     def consumers(self, name) -> list:
         """The nodes of the original graph (not the ones made here) that read tensor `name`."""
@@ -136,6 +137,8 @@ class Builder:
         (1, 1, h, w)) whose u keeps its axes' order under perm becomes Reshape(u) * k transposed:
         no (N, C, h, w) tensor is written twice (onnxruntime, 7x7x1280: 8 us against 54)."""
         perm = [int(p) for p in perm]
+        if g in self.s2d_images and perm == [0, 2, 3, 1]:
+            return autodiff_s2d.to_nhwc(self, *self.s2d_images[g])
         if g in self.broadcasts and perm[0] == 0:
             u, k, us = self.broadcasts[g]
             moved = [perm.index(i) for i in range(len(us)) if us[i] != 1]
@@ -160,7 +163,7 @@ def backward(b: Builder, nodes, wrt, score: str, seed: str, rules: dict | None =
     # a rule may apply its producer's rule itself (MaxPool after a Relu applies the Relu's at the
     # pooled size, autodiff_nn._tiled_max_pool) and list that producer's output in passthrough
     wrts = [wrt] if isinstance(wrt, str) else list(wrt)
-    b.rules, b.passthrough, b.wrts = rules, set(), set(wrts)
+    b.rules, b.passthrough, b.wrts, start = rules, set(), set(wrts), len(b.graph.node)
     dep = float_dependents(nodes, wrts, b.dtypes)
     if score not in dep:
         raise GraphError(f"the score '{score}' does not depend on '{wrts[0]}'")
@@ -190,7 +193,27 @@ def backward(b: Builder, nodes, wrt, score: str, seed: str, rules: dict | None =
             found[w] = b.total(grads[w])
         if w not in found:
             raise GraphError(f"the score does not depend on '{w}' through differentiable ops")
+    _drop_unread(b, start, set(found.values()))
     return found[wrt] if isinstance(wrt, str) else [found[w] for w in wrts]
+
+
+def _drop_unread(b: Builder, start: int, keep: set) -> None:
+    """Remove the walk's nodes (from index `start`) whose outputs nothing reads: what a rule
+    wrote and a later rule went around (autodiff_s2d's DepthToSpace, where the Conv's rule
+    reads the layout before it). onnxruntime runs every node of a graph, read or not."""
+    while True:
+        read = {i for n in b.graph.node for i in n.input} | keep | {o.name for o in b.graph.output}
+        dead = [i for i in range(start, len(b.graph.node)) if not any(o in read for o in b.graph.node[i].output if o)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del b.graph.node[i]
+    unread = {t.name for t in b.graph.initializer if t.name.startswith(b.prefix) and t.name not in read}
+    if unread:   # the constants only they read (onnxruntime warns of each), and the cache of them
+        kept = [t for t in b.graph.initializer if t.name not in unread]
+        del b.graph.initializer[:]
+        b.graph.initializer.extend(kept)
+        b.cache = {k: v for k, v in b.cache.items() if v not in unread}
 
 
 def measure_shapes(model, names, feeds, dtypes=None) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import autodiff_s2d
 from .autodiff_rules import _none, _only_first, _refuse, attr, rule
 
 
@@ -92,7 +93,7 @@ def _flipped_conv(b, node, g):
 def conv(b, node, gy, need):
     _only_first(node, need)
     w = node.input[1]
-    flipped = _flipped_conv(b, node, gy[0])
+    flipped = autodiff_s2d.conv_grad(b, node, gy[0]) or _flipped_conv(b, node, gy[0])
     if flipped is not None:
         return _none(node, flipped)
     geo = _geometry(b, node, b.shape(w)[2:])
@@ -123,7 +124,7 @@ def max_pool(b, node, gy, need):
     if attr(node, "storage_order", 0):
         _refuse(node, "storage_order=1")
     x = node.input[0]
-    tiled = _tiled_max_pool(b, node, gy[0])
+    tiled = autodiff_s2d.pool_grad(b, node, gy[0]) or _tiled_max_pool(b, node, gy[0])
     if tiled is not None:
         return [tiled]
     if len(node.output) < 2 or not node.output[1]:
