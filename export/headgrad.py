@@ -111,11 +111,45 @@ def channel_grads_constant(headgrad, features, n_classes: int, classes: int = 8)
     return True
 
 
+def ablation_linear(head, headgrad, features, n_classes: int, classes: int = 4, channels: int = 8) -> bool:
+    """True when zeroing channel k of the features lowers every class score by exactly
+    sum_ij A_ij^k d y_c / d A_ij^k: the head adds up one positively homogeneous function of
+    each channel (pooling, max or average, then linear layers; a bias after them cancels).
+    Then Ablation-CAM's score drops (Desai & Ramaswamy 2020) come from model.onnx's own
+    features and gradient, one pass, where each channel would be a head run of its own
+    (runtime/methods.ablationcam). Measured like channel_grads_constant: head runs with
+    channels zeroed against that sum, on `features` and on signed and non-negative random
+    ones (a ReLU, a bias inside or a mixing of channels before a nonlinearity breaks it),
+    for several classes, to 1e-4 of the largest drop. `head`, `headgrad`: ModelProto or
+    onnxruntime session."""
+    run, grad = (_session(m) if isinstance(m, onnx.ModelProto) else m for m in (head, headgrad))
+    rng = np.random.default_rng(12)
+    feats = np.asarray(features, np.float32)
+    noise = rng.normal(0, max(float(np.abs(feats).max()), 1e-3), size=feats.shape)
+    feats = np.concatenate([feats, noise, np.abs(noise)]).astype(np.float32)
+    picked = rng.permutation(feats.shape[-1])[:channels]
+    base = run.run(["logits"], {"features": feats})[0].astype(np.float64)
+    drops = []
+    for k in picked:
+        zeroed = feats.copy()
+        zeroed[..., k] = 0.0
+        drops.append(base - run.run(["logits"], {"features": zeroed})[0])
+    drops = np.stack(drops, axis=1)   # (N, channels, classes)
+    for c in rng.permutation(n_classes)[:classes]:
+        (g,) = grad.run([OUTPUT], {"features": feats, CLASSES: np.full((len(feats), 1), c, np.int64),
+                                   WEIGHTS: np.ones((len(feats), 1), np.float32)})
+        euler = (g.astype(np.float64) * feats)[..., picked].sum(axis=(1, 2))   # (N, channels)
+        if np.abs(euler - drops[:, :, c]).max() > 1e-4 * max(float(np.abs(drops[:, :, c]).max()), 1e-30):
+            return False
+    return True
+
+
 def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tuple[list, dict, dict]:
     """The files made from the head, each checked: ([(metadata key, path_for, ModelProto)],
     {check name: error}, {metadata key: value}). model.headgrad.onnx always; model.recipro.onnx
     for heads that begin with a pooling or Flatten + dense layer (export/recipro.py). The
-    metadata says whether the head's channel-mean gradients are constant (head_channel_grads).
+    metadata says whether the head's channel-mean gradients are constant (head_channel_grads)
+    and whether Ablation-CAM's drops are its gradient times the features (head_ablation).
     model.onnx runs once on `images`; every check reads that."""
     from .recipro import recipro_error, recipro_model, recipro_path_for
 
@@ -125,7 +159,8 @@ def head_side_files(main: onnx.ModelProto, head: onnx.ModelProto, images) -> tup
     session = _session(grad)
     files, checks = [("headgrad_file", headgrad_path_for, grad)], {"headgrad": headgrad_error(session, feats, grads, used)}
     constant = channel_grads_constant(session, feats[:4], logits.shape[1])
-    meta = {"head_channel_grads": "constant" if constant else "varying"}
+    meta = {"head_channel_grads": "constant" if constant else "varying",
+            "head_ablation": "linear" if ablation_linear(head, session, feats[:4], logits.shape[1]) else "rerun"}
     recipro = recipro_model(head)
     if recipro is not None:
         files.append(("recipro_file", recipro_path_for, recipro))

@@ -36,6 +36,7 @@ SAMPLE_OPTIONS = {"smoothgrad": "smoothgrad_samples", "integrated-gradients": "i
 # Saliency at batch > 1 a second time with every input-gradient call on the model's one session
 # (input_grads_pipelines=1), beside the default one-thread pipelines (methods_input.run_calls)
 ONE_SESSION = "saliency, one session"
+RERUN = "ablationcam, head re-runs"   # the paper's way, beside the gradient's where the head allows it
 
 
 def _interleaved(fns: dict, n_images: int, min_seconds: float = 1.0, min_rounds: int = 3,
@@ -191,6 +192,8 @@ def run_bench(model_path: str, methods=None, batches=(1, 32), threads: int | Non
                     fast[(method, kernels)] = lambda e=e, m=method: e.explain(x_u8, m)
             if method == "saliency" and batch > 1 and model.workers > 1:   # the pipelines' gain, side by side
                 fast[(ONE_SESSION, "numba")] = lambda: ex["numba"].explain(x_u8, "saliency", input_grads_pipelines=1)
+            if method == "ablationcam" and model.meta.get("head_ablation") == "linear":
+                fast[(RERUN, "numba")] = lambda: ex["numba"].explain(x_u8, "ablationcam", ablation_rerun=True)
             if original is not None and method not in SLOW:   # the bare call's own input: see TENSOR_ROW
                 fast[(method + TENSOR_ROW, "numba")] = lambda m=method: ex["numba"].explain(x, m)
         ms = _interleaved(fast, batch, min_seconds)

@@ -205,8 +205,19 @@ def scorecam(a: CamInputs):
 def ablationcam(a: CamInputs):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_k = (y^c - y_k^c) / y^c, where y_k^c
     is the score with channel k of the feature map set to zero. Only the head is re-run.
-    A channel that is already all zero cannot change the score: its weight is 0."""
+    A channel that is already all zero cannot change the score: its weight is 0.
+    Where the export measured that the head adds up a positively homogeneous function of each
+    channel (pooling, then linear layers: `head_ablation: linear`, export/headgrad.py), the
+    drop is exactly y^c - y_k^c = sum_ij A_ij^k d y^c / d A_ij^k (Euler's theorem, channel
+    by channel), from the gradient model.onnx already returned: no head run at all (the seed:
+    256 head runs an image otherwise). Option `ablation_rerun=True` re-runs the head anyway."""
     n, h, w, c = a.features.shape
+    if a.primary and a.grads is not None and a.model.meta.get("head_ablation") == "linear" \
+            and not a.options.get("ablation_rerun"):
+        base = a.logits[np.arange(n), a.targets].astype(np.float64)
+        denom = np.where(np.abs(base) > 1e-7, base, 1e-7)
+        drops = np.einsum("nhwc,nhwc->nc", a.grads, a.features, dtype=np.float64)
+        return (drops / denom[:, None]).astype(np.float32)
     # 8 copies of a 14x14x256 map are 1.6 MB: they stay in a core's L2 cache between being
     # written here and read by onnxruntime; 32 copies did not, and ran 1.6x slower.
     batch = int(a.options.get("ablation_batch", 8))

@@ -39,6 +39,18 @@ def test_bench_times_scorecam_with_and_without_crops(onnx_model, tmp_path):
     assert "of the convolution work of whole images" in text
 
 
+def test_bench_times_ablationcam_beside_its_head_reruns(onnx_model, tmp_path):
+    # the seed's head is measured linear (export/headgrad.ablation_linear): the paper's re-runs get a row too
+    out = tmp_path / "bench.md"
+    res = run_cli("bench", "--model", onnx_model, "--batches", "1", "--seconds", 0.05, "--methods", "ablationcam",
+                  "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): float(line.split("|")[5])
+            for line in out.read_text().splitlines() if line.startswith("| ablationcam")}
+    assert set(rows) == {("ablationcam", "numba"), ("ablationcam", "numpy"), ("ablationcam, head re-runs", "numba")}
+    assert all(r > 0 for r in rows.values())
+
+
 def test_interleaved_rounds_never_run_a_row_twice_in_a_row_and_vary_its_neighbours():
     """Every round calls each row once; no row runs right after itself (it would find its
     caches warm), across the turn from one round to the next too (mirrored rounds ran the
